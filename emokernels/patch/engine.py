@@ -37,12 +37,14 @@ class PatchState:
         self.prefill = True
         self.past = 0
         self._masks: dict[tuple, torch.Tensor] = {}
+        self.rows_cache: dict[int, tuple] = {}  # id(intervention) -> (rows [B], strength [B]) for this call
         self.abs_pos: torch.Tensor | None = None  # int64 [T]
         self.batch = 0
 
     def begin(self, batch: int, T: int, past: int, attention_mask, device):
         self.batch, self.past, self.prefill = batch, past, past == 0
         self._masks = {}
+        self.rows_cache = {}
         self.abs_pos = torch.arange(past, past + T, device=device)
         if self.prefill:
             if self.readout_override is not None:
@@ -180,6 +182,13 @@ class PatchHandle(ContextDecorator):
         self.state.begin(B, T, _past_length(kwargs), kwargs.get("attention_mask"), x.device)
 
     def _rows(self, iv: Intervention):
+        """(table row, strength) per batch row, built once per forward call and shared by all layers."""
+        hit = self.state.rows_cache.get(id(iv))
+        if hit is None:
+            hit = self.state.rows_cache[id(iv)] = self._build_rows(iv)
+        return hit
+
+    def _build_rows(self, iv: Intervention):
         B, dev = self.state.batch, self.state.abs_pos.device
         rows = iv.rows
         if rows is None or isinstance(rows, int):
