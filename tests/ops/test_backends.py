@@ -1,0 +1,117 @@
+"""Backend resolution, fallbacks and the native build."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from emokernels.ops import _build, backends, resolve_backend
+
+
+@pytest.fixture(autouse=True)
+def _fresh_resolution(monkeypatch):
+    monkeypatch.delenv("EMOKERNELS_BACKEND", raising=False)
+    backends._reset_for_tests()
+    yield
+    backends._reset_for_tests()
+
+
+def test_auto_on_cpu_picks_the_cpp_module():
+    assert backends.cpu_ext() is not None, backends.cpu_ext_error()
+    assert resolve_backend(torch.device("cpu")) == "cpu"
+    assert resolve_backend("cpu", "auto") == "cpu"
+    assert resolve_backend("cpu", "reference") == "reference"
+    assert backends.cpu_ext() is backends.cpu_ext()  # cached
+
+
+def test_env_var(monkeypatch):
+    monkeypatch.setenv("EMOKERNELS_BACKEND", "reference")
+    assert resolve_backend(torch.device("cpu")) == "reference"
+    assert resolve_backend(torch.device("cpu"), "cpu") == "cpu"  # the argument wins
+    monkeypatch.setenv("EMOKERNELS_BACKEND", "cuda")  # does not apply to CPU tensors: warn, auto
+    with pytest.warns(RuntimeWarning, match="EMOKERNELS_BACKEND"):
+        assert resolve_backend(torch.device("cpu")) == "cpu"
+    monkeypatch.setenv("EMOKERNELS_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="EMOKERNELS_BACKEND"):
+        resolve_backend(torch.device("cpu"))
+
+
+def test_wrong_device_or_name_is_an_error():
+    with pytest.raises(ValueError, match="cannot run on cpu"):
+        resolve_backend(torch.device("cpu"), "cuda")
+    with pytest.raises(ValueError, match="unknown backend"):
+        resolve_backend(torch.device("cpu"), "fast")
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    if not backends.triton_available():
+        pytest.skip("triton not installed")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_backend("cpu", "triton") == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.warns(RuntimeWarning, match="'triton'.*TRITON_INTERPRET"):
+        assert resolve_backend("cpu", "triton") == "reference"
+
+
+def test_unavailable_cpu_module_falls_back_once(monkeypatch):
+    monkeypatch.setattr(backends, "_cpu", None)
+    monkeypatch.setattr(backends, "_cpu_err", "BuildError: simulated")
+    with pytest.warns(RuntimeWarning, match="'cpu' is unavailable.*simulated"):
+        assert resolve_backend("cpu") == "reference"
+    backends._cache.clear()  # resolve again: the warning is not repeated
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_backend("cpu", "cpu") == "reference"
+    # the op still computes the right thing through the reference
+    from emokernels.ops import gather_add, gather_add_reference
+
+    h = torch.randn(1, 2, 8)
+    args = (torch.randn(2, 8), torch.tensor([1]), torch.ones(1), torch.ones(1, 2, dtype=torch.bool))
+    torch.testing.assert_close(gather_add(h, *args), gather_add_reference(h, *args))
+
+
+def test_cuda_unavailable_without_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("has CUDA")
+    assert backends.cuda_ext() is None
+    assert "is_available" in backends.cuda_ext_error()
+
+
+def test_native_source_root_and_module_exports():
+    root = _build.native_source_root()
+    assert (root / "csrc" / "include" / "emk_common.h").is_file()
+    assert (root / "python_bindings" / "cpu_module.cpp").is_file()
+    mod = backends.cpu_ext()
+    assert hasattr(mod, "gather_add") and hasattr(mod, "capture_project")
+    assert mod.num_threads() >= 1
+
+
+def test_build_failure_reports_compiler_output(tmp_path, monkeypatch):
+    root = tmp_path / "src"
+    (root / "csrc" / "cpu").mkdir(parents=True)
+    (root / "csrc" / "include").mkdir()
+    (root / "python_bindings" / "cpu").mkdir(parents=True)
+    (root / "python_bindings" / "cpu_module.cpp").write_text("#error emk_deliberate_failure\n")
+    monkeypatch.setenv("EMOKERNELS_SOURCE_ROOT", str(root))
+    monkeypatch.setenv("EMOKERNELS_BUILD_DIR", str(tmp_path / "build"))
+    with pytest.raises(_build.BuildError, match="emk_deliberate_failure"):
+        _build._build("cpu")
+
+
+def test_missing_bind_files_get_stubs(tmp_path):
+    module = tmp_path / "cpu_module.cpp"
+    module.write_text("void bind_a(pybind11::module_&);\nvoid bind_b(pybind11::module_&);\n")
+    present = [tmp_path / "a_bind.cpp"]
+    with pytest.warns(RuntimeWarning, match="bind_b"):
+        src = _build._stub_source("cpu", module, present)
+    assert "void bind_b(pybind11::module_&) {}" in src and "bind_a(" not in src
+    assert _build._stub_source("cpu", module, present + [tmp_path / "b_bind.cpp"]) is None
+
+
+def test_public_exports():
+    import emokernels.ops as ops
+
+    for name in ("gather_add", "capture_project", "resolve_backend"):
+        assert callable(getattr(ops, name))
+    assert "neuron_edit" in ops.__all__ and "head_edit" in ops.__all__
