@@ -23,6 +23,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; artifacts are ordinary readable files
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

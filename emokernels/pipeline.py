@@ -67,10 +67,16 @@ class Run:
             self._judge = get_judge(self.a.judge)
         return self._judge
 
-    def units(self, split: str, limit: int):
-        from .data.sev import iter_units, load_split
+    def skeletons(self, split: str, limit: int):
+        """``limit`` skeletons round-robin over the 8 themes, so small runs see every theme."""
+        from .discover.directions_cli import select_skeletons
 
-        return list(iter_units(load_split(split, limit=limit)))
+        return select_skeletons(split, limit, "balanced")
+
+    def units(self, split: str, limit: int):
+        from .data.sev import iter_units
+
+        return list(iter_units(self.skeletons(split, limit)))
 
     def mark(self, stage: str, seconds: float, **info):
         self.state["done"].append(stage)
@@ -121,17 +127,18 @@ class Run:
         return {"accuracy": rep["accuracy"]["overall"]["accuracy"]}
 
     def stage_directions(self):
-        from .data.sev import dataset_hash, load_split
+        from .data.sev import dataset_hash
         from .discover.capture import default_references, prompt_units, reference_text_units
         from .discover.directions import estimate
 
-        sk = load_split("train", limit=self.a.train_limit)
+        sk = self.skeletons("train", self.a.train_limit)
+        refs = {e: texts[: self.a.texts_per_emotion] for e, texts in default_references().items()}
         accepted = None
         if self.a.accepted_only:
             accepted = {r["key"] for r in read_jsonl(self.out / "judge" / "train_prompt.jsonl") if r.get("match")}
         info = {}
         for source in ("prompt", "text"):
-            units = prompt_units(sk, accepted=accepted) if source == "prompt" else reference_text_units(sk, default_references())
+            units = prompt_units(sk, accepted=accepted) if source == "prompt" else reference_text_units(sk, refs)
             dirs, _ = estimate(self.model, self.tok, units, source=source, model_name=self.a.model,
                                prompt_config=self._prompt_config(), dataset_hash=dataset_hash(sk),
                                batch_size=self.a.batch_size)
@@ -156,12 +163,9 @@ class Run:
         from .discover.components_cli import discover_components, plot_heads, plot_neurons, summarise
         from .discover.neurons import sev_units
 
-        from .data.sev import load_split
-
         d = self.directions("prompt")  # components score the emotion-prompt readout (the paper)
         dirs_attn, dirs_mlp = d.directions[0], d.directions[1]  # [L, 6, d] each
-
-        units = sev_units(load_split("train", limit=self.a.train_limit))
+        units = sev_units(self.skeletons("train", self.a.train_limit))
         neurons, heads, diffs, secs = discover_components(self.model, self.tok, units, dirs_attn, dirs_mlp,
                                                           prompt_config=self._prompt_config(),
                                                           batch_size=self.a.batch_size,
@@ -178,11 +182,10 @@ class Run:
 
     def stage_influence(self):
         from .data.prompts import chat_messages, render
-        from .data.sev import load_split
         from .discover.influence import sublayer_influence
 
         d = self.directions("prompt")
-        sk = load_split("train", limit=self.a.train_limit)
+        sk = self.skeletons("train", self.a.train_limit)
         cfg = self._prompt_config()
         seqs = []
         for s in sk:
@@ -324,6 +327,7 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--budget", type=int, default=None, help="circuit size K (default: the paper's 560 scaled to the model)")
+    p.add_argument("--texts-per-emotion", type=int, default=5, help="emotional reference texts per emotion (text source)")
     p.add_argument("--accepted-only", action="store_true", help="directions from judge-accepted rows only (the paper)")
     p.add_argument("--max-degenerate", type=float, default=0.3, help="selection rejects settings with more degenerate outputs")
     p.add_argument("--stop-after", default=None, choices=STAGES)
