@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import os
 
+# Before torch is imported: OpenMP reads the wait policy once, at start-up.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 
 def _has_cuda_device() -> bool:
     import torch  # importing torch does not import triton or emokernels
@@ -20,8 +24,6 @@ def _has_cuda_device() -> bool:
 
 if not _has_cuda_device():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 

@@ -1,0 +1,146 @@
+"""Sublayer influence: the KV-cache-reusing fast path equals the paper's naive loop."""
+import pytest
+import torch
+
+from emokernels.data.prompts import chat_messages, render
+from emokernels.discover.influence import (InfluenceResult, influence_fast, influence_grad, influence_naive, late_window,
+                                           reference_directions, sublayer_influence)
+from tests.helpers import USERS, tiny
+
+
+def _setup(model, E=3, seed=0):
+    L, d = model.config.num_hidden_layers, model.config.hidden_size
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(2, L, E, d, generator=g)
+    dirs = dirs / dirs.norm(dim=-1, keepdim=True)
+    sigma = torch.rand(2, L, generator=g) + 0.5
+    return dirs, sigma
+
+
+def _prompts(tok):
+    """Four prompts of three lengths (two identical lengths exercise grouping) as token lists."""
+    texts = [render(tok, chat_messages(u, None)) for u in USERS] + [render(tok, chat_messages(USERS[0], None))]
+    return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def _padded(seqs, side="left"):
+    T = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), T, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(T - len(s), T) if side == "left" else slice(0, len(s))
+        ids[i, sl], mask[i, sl] = torch.tensor(s), 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_late_window_matches_paper_and_scales():
+    assert late_window(28) == (21, 22, 23, 24, 25)
+    assert late_window(30) == tuple(range(22, 28))
+    assert late_window(4) == (3,)
+    assert all(0 <= l < 24 for l in late_window(24))
+
+
+def test_reference_direction_is_unit_and_sign_aligned():
+    g = torch.Generator().manual_seed(1)
+    dirs = torch.randn(2, 8, 6, 32, generator=g)
+    v_ref, u = reference_directions(dirs, window=(5, 6))
+    torch.testing.assert_close(v_ref.norm(dim=-1), torch.ones(6))
+    assert ((u * v_ref[None, None]).sum(-1) >= 0).all()
+    unit = dirs / dirs.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(u.abs(), unit.abs())
+    # v_ref = normalise(sum of window vectors sign-aligned to the first one (attn of layer 5))
+    vs = [unit[p, l] for l in (5, 6) for p in (0, 1)]
+    ref = sum(torch.where((v * vs[0]).sum(-1, keepdim=True) < 0, -v, v) for v in vs)
+    torch.testing.assert_close(v_ref, ref / ref.norm(dim=-1, keepdim=True))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_fast_equals_naive(family):
+    model, tok = tiny(family)
+    seqs = _prompts(tok)
+    dirs, sigma = _setup(model, E=2)
+    v_ref, u = reference_directions(dirs)
+    members = torch.tensor([[1, 1], [1, 0], [0, 1], [1, 1]], dtype=torch.bool)
+    alphas = (0.1, 0.7)
+    naive = influence_naive(model, _padded(seqs, "left"), u, sigma, v_ref, alphas=alphas, members=members,
+                            batch_size=4, progress=False)
+    for layout, chunk in (("tree", 11), ("batch", 16)):
+        fast = influence_fast(model, _padded(seqs, "right"), u, sigma, v_ref, alphas=alphas, members=members,
+                              layout=layout, chunk=chunk, progress=False)
+        torch.testing.assert_close(fast.s_base, naive.s_base, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(fast.s_inj, naive.s_inj, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(fast.I, naive.I, rtol=1e-4, atol=1e-3)
+        assert fast.stats["token_rows"] * 5 < naive.stats["token_rows"]
+    assert naive.Ibar.shape == (2, 2, 4) and torch.isfinite(naive.Ibar).all()
+    assert naive.I.abs().max() > 1e-2  # the injections do move the score
+    assert naive.stats["forward_calls"] == 1 + 2 * 2 * 4 * 2
+
+
+def test_fast_subset_of_layers_and_kinds_and_list_input():
+    model, tok = tiny("llama")
+    seqs = _prompts(tok)
+    dirs, sigma = _setup(model, E=2)
+    v_ref, u = reference_directions(dirs)
+    kw = dict(alphas=(0.3,), kinds=("mlp",), layers=(1, 3), progress=False)
+    fast = influence_fast(model, seqs, u, sigma, v_ref, **kw)
+    naive = influence_naive(model, seqs, u, sigma, v_ref, **kw)
+    torch.testing.assert_close(fast.I, naive.I, rtol=1e-4, atol=1e-3, equal_nan=True)
+    assert torch.isnan(fast.I[:, 0]).all() and torch.isnan(fast.I[:, 1, 0]).all()
+    assert torch.isfinite(fast.I[:, 1, [1, 3]]).all()
+
+
+def test_grad_is_the_small_dose_limit():
+    model, tok = tiny("qwen2")
+    seqs = _prompts(tok)[:2]
+    dirs, sigma = _setup(model, E=2)
+    v_ref, u = reference_directions(dirs)
+    grad = influence_grad(model, seqs, u, sigma, v_ref, progress=False)
+    # central finite difference: mean of I(+α) and I(−α) is the derivative up to O(α²)
+    fd = influence_fast(model, seqs, u, sigma, v_ref, alphas=(1e-2, -1e-2), progress=False)
+    torch.testing.assert_close(grad.I[..., 0], fd.Ibar, rtol=2e-2, atol=2e-2)
+    assert grad.I.abs().max() > 0.1
+
+
+def test_sublayer_influence_wrapper_and_roundtrip(tmp_path):
+    model, tok = tiny("llama")
+    dirs, sigma = _setup(model, E=2)
+    res = sublayer_influence(model, _prompts(tok)[:2], dirs, sigma, method="fast", alphas=(0.5,), progress=False,
+                             emotions=("anger", "fear"))
+    res.save(tmp_path / "inf")
+    back = InfluenceResult.load(tmp_path / "inf")
+    torch.testing.assert_close(back.I, res.I)
+    assert back.alphas == (0.5,) and back.emotions == ("anger", "fear") and back.method == "fast-tree"
+    torch.testing.assert_close(back.probability.nansum(dim=(1, 2)), torch.ones(2))
+
+
+def test_bad_inputs_raise_clear_errors():
+    model, tok = tiny("llama")
+    seqs = _prompts(tok)[:1]
+    dirs, sigma = _setup(model, E=2)
+    v_ref, u = reference_directions(dirs)
+    with pytest.raises(ValueError, match="sigma must be"):
+        influence_fast(model, seqs, u, sigma[:, :2], v_ref, progress=False)
+    with pytest.raises(ValueError, match="directions u must be"):
+        influence_fast(model, seqs, u[:, :2], sigma, v_ref, progress=False)
+    with pytest.raises(ValueError, match="alphas"):
+        influence_fast(model, seqs, u, sigma, v_ref, alphas=(0.0,), progress=False)
+    with pytest.raises(ValueError, match="no member prompts"):
+        influence_fast(model, seqs, u, sigma, v_ref, members=torch.tensor([[True, False]]), progress=False)
+    with pytest.raises(ValueError, match="layout"):
+        influence_fast(model, seqs, u, sigma, v_ref, layout="pyramid", progress=False)
+    with pytest.raises(ValueError, match=r"directions must be a tensor \[2"):
+        reference_directions(dirs[0])
+
+
+def test_sliding_window_model_falls_back_to_batch_layout():
+    model, tok = tiny("gemma2")  # sliding window 64
+    long_user = " ".join(USERS * 3)
+    seqs = [tok(render(tok, chat_messages(long_user, None)), add_special_tokens=False)["input_ids"]] + _prompts(tok)[:1]
+    assert len(seqs[0]) > model.config.sliding_window
+    dirs, sigma = _setup(model, E=1)
+    v_ref, u = reference_directions(dirs)
+    kw = dict(alphas=(0.5,), layers=(0, 3), progress=False)
+    fast = influence_fast(model, seqs, u, sigma, v_ref, **kw)
+    naive = influence_naive(model, seqs, u, sigma, v_ref, **kw)
+    assert fast.stats["layout"] == "batch"
+    torch.testing.assert_close(fast.I, naive.I, rtol=1e-4, atol=1e-3, equal_nan=True)
