@@ -249,7 +249,8 @@ def register(subparsers) -> None:
                    help="skip keys already in --out (default) or start over")
     p.add_argument("--mode", choices=EMOTION_MODES, default="prompt", help="emotion system prompt (default) or neutral prompt")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_DECODING["max_new_tokens"])
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"default {DEFAULT_DECODING['max_new_tokens']} ({PAPER_STAGE01_DECODING['max_new_tokens']} with --paper-decoding)")
     p.add_argument("--paper-decoding", action="store_true", help="the paper's stage-01 decoding (no penalties, 100 tokens) instead of the shared default")
     p.add_argument("--preset", default="strong", help="system-prompt preset: strong | paper | a template with {emotion}")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16")
@@ -267,6 +268,8 @@ def _main(args) -> int:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     prompt = PromptConfig(preset=args.preset)
     prompt.system("anger")  # validates the preset before the model loads
     decoding = decoding_settings(PAPER_STAGE01_DECODING if args.paper_decoding else None, args.max_new_tokens)
