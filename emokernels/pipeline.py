@@ -242,13 +242,13 @@ class Run:
                              patch_factory=factory, model_name=self.a.model, extra={"strength": strength})
 
     def stage_select(self):
-        """Pick α (steering) and s (circuit) on a TRAIN subset: best judged accuracy among settings
-        whose outputs are mostly non-degenerate."""
-        from .evaluate.naturalness import degenerate
+        """Pick α (steering) and s (circuit) on a TRAIN subset by *natural* accuracy: judged hits
+        that are neither degenerate nor emotion-word caricatures (the judges reward both)."""
+        from .evaluate.naturalness import caricature, degenerate, unnatural
 
         steering, _ = self._conditions()
         units = self.units("train", self.a.select_limit)
-        grids = {"steering": [steering.alpha * f for f in (0.5, 1.0, 2.0, 4.0)], "circuit": [0.5, 1.0, 2.0, 4.0]}
+        grids = {"steering": [steering.alpha * f for f in (0.5, 1.0, 2.0, 4.0)], "circuit": [1.0, 2.0, 3.0, 4.0, 6.0]}
         table, chosen = {}, {}
         for name, grid in grids.items():
             best = None
@@ -257,9 +257,12 @@ class Run:
                 rows = self._generate_condition(name, units, self.out / "select" / f"{tag}.jsonl", strength=s)
                 judged, rep = self._judge_file(self.out / "select" / f"{tag}.jsonl", self.out / "select" / f"{tag}_judged.jsonl")
                 acc = sum(bool(r["match"]) for r in judged) / len(judged)
+                nat_acc = sum(bool(r["match"]) and not unnatural(r["text"]) for r in judged) / len(judged)
                 deg = sum(degenerate(r["text"]) for r in rows) / len(rows)
-                table[tag] = {"strength": s, "accuracy": acc, "degenerate": deg}
-                score = acc if deg <= self.a.max_degenerate else -1.0
+                car = sum(caricature(r["text"]) for r in rows) / len(rows)
+                table[tag] = {"strength": s, "accuracy": acc, "natural_accuracy": nat_acc, "degenerate": deg,
+                              "caricature": car}
+                score = nat_acc if deg <= self.a.max_degenerate else -1.0
                 if best is None or score > best[0]:
                     best = (score, s)
             chosen[name] = best[1]
@@ -267,7 +270,7 @@ class Run:
         return {"chosen": chosen}
 
     def stage_compare(self):
-        from .evaluate.naturalness import degenerate, distinct_n, perplexity
+        from .evaluate.naturalness import caricature, degenerate, distinct_n, perplexity, unnatural
         from .judge.report import build_report
 
         chosen = read_json(self.out / "select" / "selection.json")["chosen"]
@@ -280,7 +283,9 @@ class Run:
             gen_s = time.time() - t
             judged, rep = self._judge_file(gen, self.out / "compare" / f"{name}_judged.jsonl")
             texts = [r["text"] for r in rows]
-            nat = {"degenerate": sum(map(degenerate, texts)) / len(texts), "distinct2": distinct_n(texts, 2)}
+            nat = {"natural_accuracy": sum(bool(r["match"]) and not unnatural(r["text"]) for r in judged) / len(judged),
+                   "degenerate": sum(map(degenerate, texts)) / len(texts),
+                   "caricature": sum(map(caricature, texts)) / len(texts), "distinct2": distinct_n(texts, 2)}
             try:
                 ppl = perplexity(self.model, self.tok, [_neutral_prompt(self, r) for r in rows], texts)
                 ppl = [p for p in ppl if p is not None and math.isfinite(p)]

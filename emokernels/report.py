@@ -23,17 +23,19 @@ def comparison_markdown(comp: dict) -> list[str]:
     conds = [c for c in CONDITIONS if c in comp]
     emos = list(comp[conds[0]]["report"]["accuracy"]["by_emotion"])
     vals = list(comp[conds[0]]["report"]["accuracy"]["by_valence"])
-    lines = ["| condition | strength | overall | " + " | ".join(emos) + " | " + " | ".join(vals) + " | degenerate | distinct-2 | perplexity |",
-             "|---" * (6 + len(emos) + len(vals)) + "|"]
+    lines = ["| condition | strength | overall | natural | " + " | ".join(emos) + " | " + " | ".join(vals)
+             + " | degenerate | caricature | distinct-2 | perplexity |",
+             "|---" * (8 + len(emos) + len(vals)) + "|"]
     for c in conds:
         acc = comp[c]["report"]["accuracy"]
         nat = comp[c]["naturalness"]
         s = comp[c].get("strength")
         lines.append(
             f"| {c} | {'–' if s is None else f'{s:.3g}'} | **{_pct(_acc(acc, 'overall'))}** | "
+            f"**{_pct(nat.get('natural_accuracy'))}** | "
             + " | ".join(_pct(_acc(acc, "by_emotion", e)) for e in emos) + " | "
             + " | ".join(_pct(_acc(acc, "by_valence", v)) for v in vals)
-            + f" | {_pct(nat.get('degenerate'))} | {nat.get('distinct2', 0):.3f} | "
+            + f" | {_pct(nat.get('degenerate'))} | {_pct(nat.get('caricature'))} | {nat.get('distinct2', 0):.3f} | "
             + (f"{nat['perplexity']:.1f}" if isinstance(nat.get("perplexity"), (int, float)) else "–") + " |")
     return lines
 
@@ -79,15 +81,32 @@ def write_run_report(out: Path, state: dict, seconds: float) -> Path:
     sel = out / "select" / "selection.json"
     if sel.exists():
         s = read_json(sel)
-        lines += ["## Strength selection (train split only)", "", "| setting | accuracy | degenerate |", "|---|---|---|"]
-        lines += [f"| {k} | {_pct(v['accuracy'])} | {_pct(v['degenerate'])} |" for k, v in s["table"].items()]
+        lines += ["## Strength selection (train split only)", "",
+                  "Chosen by natural accuracy: judged hits that are neither degenerate nor emotion-word caricatures.", "",
+                  "| setting | accuracy | natural accuracy | degenerate | caricature |", "|---|---|---|---|---|"]
+        lines += [f"| {k} | {_pct(v['accuracy'])} | {_pct(v.get('natural_accuracy'))} | {_pct(v['degenerate'])} | "
+                  f"{_pct(v.get('caricature'))} |" for k, v in s["table"].items()]
         lines += ["", f"Chosen: {s['chosen']}", ""]
     comp_path = out / "compare" / "comparison.json"
     if comp_path.exists():
         comp = read_json(comp_path)
         lines += ["## Test split: prompting vs steering vs circuit modulation", "",
-                  "Same judge, precision and decoding for all three; accuracy in %.", ""]
+                  "Same judge, precision and decoding for all three; accuracy in %. *natural* counts only hits "
+                  "that are neither degenerate nor caricatures (3+ emotion words making up >12 % of the reply).", ""]
         lines += comparison_markdown(comp)
+        lines += ["", "Example replies (first test rows per condition):", ""]
+        for c in CONDITIONS:
+            f = out / "compare" / f"{c}_judged.jsonl"
+            if f.exists():
+                from .io import read_jsonl
+
+                seen = set()
+                for r in read_jsonl(f):
+                    if r["emotion"] in seen:
+                        continue
+                    seen.add(r["emotion"])
+                    text = r["text"].replace("\n", " ")[:160]
+                    lines.append(f"- **{c}**, target {r['emotion']}, judged {r['label']}: {text}")
         plot_comparison(comp, out / "comparison.png")
         lines += ["", "![comparison](comparison.png)", ""]
     comp_summary = out / "components" / "summary.json"

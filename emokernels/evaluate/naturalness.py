@@ -11,6 +11,12 @@ accuracy so that a condition cannot win by breaking the text.
 * ``distinct_n(texts, n)``: |unique n-grams| / |n-grams| over all texts (lower-cased words).
 * ``perplexity(model, tok, prompts, replies)``: exp of the mean token NLL of each reply given its
   rendered prompt, under the model as given (pass it unpatched).
+* ``emotion_word_density(text)`` / ``caricature(text)``: the share of words that name an emotion
+  (the labels, their forms and synonyms: ``data.labels.EMOTION_WORDS``). A reply stuffed with
+  emotion words ("Disgusting disgusts! I'm disgusted with disgusting ...") passes an embedding
+  or LLM judge and escapes the loop detector when the words vary; natural emotional replies
+  name the emotion once or twice (every reply of the judge reference set has at most 2 emotion
+  words). ``caricature`` flags 3 or more emotion words making up more than 12 % of the words.
 """
 from __future__ import annotations
 
@@ -67,6 +73,28 @@ def degeneracy_reasons(text: str, loop_cover: float = 0.5, min_repeats: int = 3)
 def degenerate(text: str, loop_cover: float = 0.5, min_repeats: int = 3) -> bool:
     """True if ``text`` is empty, loops, or shouts (see :func:`degeneracy_reasons`)."""
     return bool(degeneracy_reasons(text, loop_cover, min_repeats))
+
+
+def emotion_word_density(text: str) -> float:
+    """Share of the words of ``text`` that name an emotion (0 for an empty text)."""
+    from ..data.labels import find_emotion_words
+
+    n = len(words(text))
+    return len(find_emotion_words(text)) / n if n else 0.0
+
+
+def caricature(text: str, max_density: float = 0.12, min_count: int = 3) -> bool:
+    """True when ``min_count``+ emotion words make up more than ``max_density`` of the reply."""
+    from ..data.labels import find_emotion_words
+
+    n = len(words(text))
+    hits = len(find_emotion_words(text))
+    return hits >= min_count and n > 0 and hits / n > max_density
+
+
+def unnatural(text: str) -> bool:
+    """Degenerate or caricature: the texts a condition must not win with."""
+    return degenerate(text) or caricature(text)
 
 
 def distinct_n(texts: Sequence[str], n: int = 2) -> float:
@@ -129,6 +157,7 @@ def summarize(texts: Sequence[str]) -> dict:
     return {
         "n": n,
         "degenerate_rate": (sum(degenerate(t) for t in texts) / n) if n else 0.0,
+        "caricature_rate": (sum(caricature(t) for t in texts) / n) if n else 0.0,
         "distinct_1": distinct_n(texts, 1),
         "distinct_2": distinct_n(texts, 2),
         "mean_words": (sum(len(words(t)) for t in texts) / n) if n else 0.0,

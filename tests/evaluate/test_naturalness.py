@@ -72,3 +72,15 @@ def test_perplexity_matches_direct_computation_and_batching():
     assert math.isnan(perplexity(model, tok, prompts[:1], [""])[0])
     with pytest.raises(ValueError, match="replies"):
         perplexity(model, tok, prompts, replies[:1])
+
+
+def test_caricature_flags_emotion_word_stuffing_but_not_natural_replies():
+    from emokernels.data.reference import load_judge_reference
+    from emokernels.evaluate.naturalness import caricature, emotion_word_density, unnatural
+
+    stuffed = "Sold! Disgusting disgusts! I'm disgusted with disgusting disgusting food."
+    assert caricature(stuffed) and unnatural(stuffed)
+    assert emotion_word_density(stuffed) > 0.4
+    assert not caricature("This makes me so happy — your mother is in remission!")
+    assert not any(caricature(r.text) for r in load_judge_reference())  # hand-written replies
+    assert emotion_word_density("") == 0.0
