@@ -43,7 +43,7 @@ class Run:
         config = {k: v for k, v in vars(args).items() if k != "func"}
         self.state = read_json(state) if state.exists() else {"done": [], "config": config}
         old = self.state.get("config", {})
-        for k in ("model", "train_limit", "test_limit", "source", "seed", "dtype", "preset"):
+        for k in ("model", "train_limit", "test_limit", "source", "circuit_source", "seed", "dtype", "preset"):
             if k in old and old[k] != getattr(args, k):
                 raise ValueError(f"{self.out} holds a run with {k}={old[k]!r}, not {getattr(args, k)!r}: "
                                  "use another --out (or delete the folder)")
@@ -178,13 +178,36 @@ class Run:
         plot_neurons(neurons, folder)
         summary = summarise(neurons, heads, diffs)
         write_json(folder / "summary.json", summary)
-        return {"seconds_one_pass": round(secs, 1)}
+        info = {"seconds_one_pass": round(secs, 1)}
+        if self.circuit_source() == "text":
+            info["text_seconds"] = self._text_components()
+        return info
+
+    def _text_components(self) -> float:
+        """Component scores and Δ from emotional text under neutral prompts (discover.text_components)."""
+        from .discover.capture import default_references, reference_text_units
+        from .discover.text_components import text_component_tables
+        from .io import save_tensors
+
+        t = time.time()
+        refs = {e: texts[: self.a.texts_per_emotion] for e, texts in default_references().items()}
+        units = reference_text_units(self.skeletons("train", self.a.train_limit), refs)
+        C, I, diffs = text_component_tables(self.model, self.tok, units, self.directions("text"),
+                                            prompt_config=self._prompt_config(), batch_size=self.a.batch_size)
+        folder = self.out / "components"
+        save_tensors(folder / "text_scores", {"C": C, "I": I}, {"source": "text", "model": self.a.model})
+        diffs.save(folder / "text_diffs", {"model": self.a.model, "source": "text"})
+        return round(time.time() - t, 1)
+
+    def circuit_source(self) -> str:
+        """Where the circuit's components come from: the paper's emotion-prompt readout, or emotional text."""
+        return self.chosen_source() if self.a.circuit_source == "auto" else self.a.circuit_source
 
     def stage_influence(self):
         from .data.prompts import chat_messages, render
         from .discover.influence import sublayer_influence
 
-        d = self.directions("prompt")
+        d = self.directions(self.circuit_source())
         sk = self.skeletons("train", self.a.train_limit)
         cfg = self._prompt_config()
         seqs = []
@@ -210,10 +233,18 @@ class Run:
         # The paper's K=560 over 28 layers of a 3B model; scale the budget with width x depth.
         # At least 7 per layer so the paper's floors (4 neurons + 2 heads per layer at 0.7 : 0.3) fit.
         K = self.a.budget or max(7 * a.num_layers, round(560 * (a.num_layers / 28) * math.sqrt(a.intermediate_size / 8192)))
-        circuit = assemble_circuit(inf, NeuronScores.load(folder / "neurons"), HeadScores.load(folder / "heads"),
-                                   ComponentDiffs.load(folder / "diffs"), shape=a.describe(), K_total=K)
+        if self.circuit_source() == "text":
+            from .io import load_tensors
+
+            scores, _ = load_tensors(folder / "text_scores")
+            neurons, heads, diffs = scores["C"], scores["I"], ComponentDiffs.load(folder / "text_diffs")
+        else:
+            neurons, heads = NeuronScores.load(folder / "neurons"), HeadScores.load(folder / "heads")
+            diffs = ComponentDiffs.load(folder / "diffs")
+        circuit = assemble_circuit(inf, neurons, heads, diffs, shape=a.describe(), K_total=K)
+        circuit.meta["source"] = self.circuit_source()
         circuit.save(self.out / "circuit" / "circuit")
-        return {"K_total": K, "size": circuit.size(circuit.emotions[0])}
+        return {"K_total": K, "source": self.circuit_source(), "size": circuit.size(circuit.emotions[0])}
 
     def _conditions(self):
         from .control.steering import Steering
@@ -326,6 +357,8 @@ def register(subparsers) -> None:
     p.add_argument("--judge", default="minilm", choices=["minilm", "llm", "http"])
     p.add_argument("--source", default="auto", choices=["auto", "prompt", "text"],
                    help="directions for steering: paper's prompt readout, emotional text, or auto")
+    p.add_argument("--circuit-source", default="auto", choices=["auto", "prompt", "text"],
+                   help="circuit components from the paper's prompt readout or from emotional text (auto: as --source)")
     p.add_argument("--preset", default="strong", help="emotion prompt preset: strong | paper | a template with {emotion}")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--backend", default="fused", choices=["fused", "reference"])
