@@ -1,0 +1,314 @@
+"""``emokernels components``: neurons, heads and difference vectors in one pass; plots; validation.
+
+    emokernels components --model smollm2-135m --directions runs/dirs --split train --limit 8 \\
+        --out runs/components [--validate --val-split test --val-limit 2]
+
+One backbone forward per batch of emotion-prompted train units feeds three streaming
+collectors: the neuron decomposition (METHOD §6.1), the one-pass head ablation scores (§6.2)
+and the component-space difference vectors (§7). Writes into ``--out``:
+
+* ``neurons.safetensors``/``.json`` + ``neurons_{e}.csv`` (layer, neuron, rank, C_mean, C_pos,
+  C_neg, beta, H_mean), ``neurons_{e}.png`` (per-layer contribution profile);
+* ``heads.safetensors``/``.json`` + ``heads_{e}.csv``, ``heads_{e}.png`` (layer × head heatmap);
+* ``diffs.safetensors``/``.json`` (Δz [L, 6, H·hd], Δa [L, 6, d_ff]);
+* ``summary.json`` (top heads / neurons per emotion, timings);
+* with ``--validate``: ``validation.json``/``.csv``, ``validation_{local,final}.png``.
+
+A killed run resumes from ``components_checkpoint.safetensors`` (same inputs required).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import time
+from pathlib import Path
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _layer_range(text: str) -> list[int]:
+    """'a-b' (inclusive) or 'a,b,c'."""
+    try:
+        if "-" in text:
+            lo, hi = (int(x) for x in text.split("-"))
+            return list(range(lo, hi + 1))
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected layers as 'a-b' or 'a,b,c', got {text!r}") from None
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("components", help="rank emotion neurons and heads, difference vectors, validation",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="zoo name, tiny-<family> or a path")
+    p.add_argument("--directions", required=True, help="directions artifact (folder or .safetensors) from `emokernels directions`")
+    p.add_argument("--split", default="train", help="discovery split: 'train' or a SEV JSONL path (never 'test')")
+    p.add_argument("--limit", type=int, default=None, help="first N skeletons (N x 3 contexts x 6 emotions prompts)")
+    p.add_argument("--accepted", default=None, help="judged JSONL: keep only accepted units (the paper's filter)")
+    p.add_argument("--preset", default="strong", help="emotion prompt preset: strong | paper | template with {emotion}")
+    p.add_argument("--reading", choices=("residual", "normed"), default="residual",
+                   help="head score read on m (residual, default) or on the MLP input RMSNorm(m) (normed, the paper)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--batch-size", type=int, default=6, help="prompts per forward (6 = one context)")
+    p.add_argument("--checkpoint-every", type=int, default=20, help="batches between checkpoints")
+    p.add_argument("--top", type=int, default=5, help="top heads / neurons per emotion in summary.json")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--validate", action="store_true", help="run ablation / enhancement validation afterwards")
+    p.add_argument("--val-split", default="test", help="evaluation split for --validate (held out from discovery)")
+    p.add_argument("--val-limit", type=int, default=2, help="skeletons of the evaluation split")
+    p.add_argument("--ks-neurons", type=_ints, default=[1, 4, 16, 64])
+    p.add_argument("--ks-heads", type=_ints, default=[1, 2, 4, 8])
+    p.add_argument("--n-random", type=int, default=5, help="random draws per k")
+    p.add_argument("--val-layers", type=_layer_range, default=None, help="layers to pick components from ('a-b')")
+    p.add_argument("--enhance-scale", type=float, default=1.0, help="s in the additive enhancement s·Δ")
+    p.add_argument("--judge", default=None, help="also judge generations (minilm | llm | http); slow")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=run)
+
+
+def _fingerprint(args, units, dirs_hash: str, model_desc: dict) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([str(args.model), args.dtype, args.preset, args.reading, args.batch_size, dirs_hash, model_desc],
+                        sort_keys=True).encode())
+    for u in units:
+        h.update(u.key.encode())
+    return h.hexdigest()
+
+
+def discover_components(model, tok, units, dirs_attn, dirs_mlp, *, reading="residual", prompt_config=None,
+                        batch_size=6, checkpoint=None, checkpoint_every=20, fingerprint="", progress=True):
+    """One pass over ``units`` → (NeuronScores, HeadScores, ComponentDiffs, seconds).
+
+    ``checkpoint``: path prefix; collectors' state is saved atomically every ``checkpoint_every``
+    batches and a rerun with the same ``fingerprint`` resumes after the saved units."""
+    from ..io import load_tensors, save_tensors
+    from .diffs import DiffAccumulator
+    from .heads import HeadAccumulator
+    from .neurons import NeuronAccumulator, run_collectors, unit_batches
+
+    cols = [NeuronAccumulator(model, dirs_mlp), HeadAccumulator(model, dirs_attn, reading=reading), DiffAccumulator(model)]
+    start = 0
+    ck = None if checkpoint is None else Path(str(checkpoint) + ".safetensors")
+    if ck is not None and ck.exists():
+        state, meta = load_tensors(ck)
+        if meta.get("fingerprint") == fingerprint:
+            for c in cols:
+                c.load_state_dict(state)
+            start = int(meta["n_done"])
+            print(f"resuming after {start} of {len(units)} prompts ({ck})")
+    todo = units[start:]
+    n_batches = [0]
+
+    def on_batch(done):
+        n_batches[0] += 1
+        if ck is not None and (n_batches[0] % checkpoint_every == 0) and start + done < len(units):
+            state = {k: v.detach().cpu() for c in cols for k, v in c.state_dict().items()}
+            save_tensors(ck, state, {"fingerprint": fingerprint, "n_done": start + done})
+
+    t0 = time.time()
+    run_collectors(model, unit_batches(tok, todo, batch_size, prompt_config), cols, total=len(todo), on_batch=on_batch,
+                   progress=progress)
+    secs = time.time() - t0
+    neurons, heads, diffs = (c.result() for c in cols)
+    if ck is not None:
+        for f in (ck, ck.with_suffix(".json")):
+            if f.exists():
+                f.unlink()
+    return neurons, heads, diffs, secs
+
+
+# ---------------------------------------------------------------------------------------------
+# plots
+# ---------------------------------------------------------------------------------------------
+def _save_fig(fig, path) -> Path:
+    import matplotlib.pyplot as plt
+
+    from ..io import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_heads(heads, folder) -> list[Path]:
+    """``heads_{e}.png``: layer × head heatmap of I^head (diverging, centred at 0)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..data.labels import EMOTIONS
+
+    paths = []
+    for e, name in enumerate(EMOTIONS):
+        M = heads.mean[:, e].numpy()  # [L, H]
+        lim = float(abs(M).max()) or 1.0
+        fig, ax = plt.subplots(figsize=(max(4, 0.35 * M.shape[1] + 2), max(3, 0.22 * M.shape[0] + 1.2)))
+        im = ax.imshow(M, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
+        ax.set_yticks(range(len(heads.layers)))
+        ax.set_yticklabels(heads.layers, fontsize=6)
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_title(f"{name}: I^head ({heads.reading}, n={int(heads.counts[e])})", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.04)
+        fig.tight_layout()
+        paths.append(_save_fig(fig, Path(folder) / f"heads_{name}.png"))
+    return paths
+
+
+def plot_neurons(neurons, folder, top: int = 16) -> list[Path]:
+    """``neurons_{e}.png``: per layer Σ_j C_mean (= mean ⟨W_D a, v⟩), Σ C_pos and −Σ C_neg,
+    the top-1 and the sum of the top-``top`` C_mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..data.labels import EMOTIONS
+
+    paths = []
+    x = list(neurons.layers)
+    for e, name in enumerate(EMOTIONS):
+        C = neurons.C_mean[:, e]
+        srt = C.sort(dim=-1, descending=True).values
+        fig, ax = plt.subplots(figsize=(6.5, 3.4))
+        ax.fill_between(x, (-neurons.C_neg[:, e].sum(-1)).numpy(), neurons.C_pos[:, e].sum(-1).numpy(), color="C0",
+                        alpha=0.15, label="Σ C_pos / −Σ C_neg")
+        ax.plot(x, C.sum(-1).numpy(), "k-", lw=1.5, label="Σ C_mean = mean ⟨W_D a, v⟩")
+        ax.plot(x, srt[:, :top].sum(-1).numpy(), "C3-", lw=1, label=f"top-{top} Σ C_mean")
+        ax.plot(x, srt[:, 0].numpy(), "C2.-", lw=1, label="top-1 C_mean")
+        ax.axhline(0, color="gray", lw=0.5)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("contribution to ⟨·, v^mlp⟩")
+        ax.set_title(f"{name}: MLP neuron contributions (n={int(neurons.counts[e])})", fontsize=9)
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        paths.append(_save_fig(fig, Path(folder) / f"neurons_{name}.png"))
+    return paths
+
+
+def summarise(neurons, heads, diffs, top: int = 5) -> dict:
+    """Top heads (global by I^head) and neurons (global by C_mean) per emotion."""
+    import torch
+
+    from ..data.labels import EMOTIONS
+
+    out = {}
+    for e, name in enumerate(EMOTIONS):
+        C = neurons.C_mean[:, e]
+        flat = torch.argsort(C.flatten(), descending=True, stable=True)[:top]
+        n = C.shape[1]
+        hn = diffs.head_norms()[:, e] if diffs is not None else None
+        out[name] = dict(
+            samples=int(neurons.counts[e]),
+            heads=[dict(layer=l, head=k, I=round(v, 5), std=round(float(heads.std[heads.layers.index(l), e, k]), 5),
+                        dz_norm=None if hn is None else round(float(hn[diffs.layers.index(l), k]), 5))
+                   for l, k, v in heads.top_global(e, top)],
+            neurons=[dict(layer=neurons.layers[int(i) // n], neuron=int(i) % n, C_mean=round(float(C.flatten()[i]), 5),
+                          beta=round(float(neurons.beta[int(i) // n, e, int(i) % n]), 5),
+                          H_mean=round(float(neurons.H_mean[int(i) // n, e, int(i) % n]), 5))
+                     for i in flat],
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# command
+# ---------------------------------------------------------------------------------------------
+def run(args) -> int:
+    import torch
+
+    from ..data.prompts import PromptConfig
+    from ..data.sev import dataset_hash, load_split
+    from ..io import write_json
+    from ..models.adapters import Adapter
+    from ..models.loader import load
+    from .capture import load_accepted_keys
+    from .directions import EmotionDirections
+    from .neurons import direction_tensors, sev_units
+
+    if args.split == "test":
+        raise ValueError("components are discovered on the train split only; the test split stays held out "
+                         "(--validate evaluates on --val-split)")
+    if args.batch_size < 1 or args.checkpoint_every < 1:
+        raise ValueError("--batch-size and --checkpoint-every must be >= 1")
+    if args.validate and str(args.val_split) == str(args.split):
+        raise ValueError(f"--val-split {args.val_split!r} equals the discovery split; validate on held-out data")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = PromptConfig(preset=args.preset)
+    config.system("anger")  # validates the preset early
+    t0 = time.time()
+    model, tok = load(args.model, dtype=getattr(torch, args.dtype))
+    a = Adapter.of(model)
+    dirs = EmotionDirections.load(args.directions, model=model)
+    dirs_attn, dirs_mlp = direction_tensors(dirs)
+    skeletons = load_split(args.split, args.limit)
+    accepted = load_accepted_keys(args.accepted) if args.accepted else None
+    units = sev_units(skeletons, keep=accepted)
+    if not units:
+        raise ValueError("no units: the split is empty or no judged row was accepted")
+    dirs_hash = hashlib.sha256(dirs.directions.numpy().tobytes()).hexdigest()[:16]
+    fp = _fingerprint(args, units, dirs_hash, a.describe())
+    neurons, heads, diffs, secs = discover_components(
+        model, tok, units, dirs_attn, dirs_mlp, reading=args.reading, prompt_config=config, batch_size=args.batch_size,
+        checkpoint=out / "components_checkpoint", checkpoint_every=args.checkpoint_every, fingerprint=fp)
+    meta = dict(model=str(args.model), dtype=args.dtype, split=str(args.split), limit=args.limit, accepted=args.accepted,
+                dataset_hash=dataset_hash(skeletons), directions=str(args.directions), directions_hash=dirs_hash,
+                directions_source=dirs.source, prompt=config.to_dict(), n_units=len(units), model_shape=a.describe())
+    neurons.save(out / "neurons", meta)
+    neurons.write_csv(out)
+    heads.save(out / "heads", meta)
+    heads.write_csv(out)
+    diffs.save(out / "diffs", meta)
+    summary = dict(meta, seconds_pass=round(secs, 2), n_groups=diffs.n_groups, n_incomplete=diffs.n_incomplete,
+                   reading=args.reading, top=summarise(neurons, heads, diffs, args.top))
+    if not args.no_plots:
+        plot_heads(heads, out)
+        plot_neurons(neurons, out)
+    print(f"components: {len(units)} prompts in {secs:.1f}s -> {out}")
+    for name, s in summary["top"].items():
+        hs = ", ".join(f"{h['layer']}.{h['head']} ({h['I']:.3g})" for h in s["heads"][:3])
+        ns = ", ".join(f"{n['layer']}.{n['neuron']} ({n['C_mean']:.3g})" for n in s["neurons"][:3])
+        print(f"  {name:9s} heads {hs} | neurons {ns}")
+
+    if args.validate:
+        from ..evaluate.validation import plot_validation, validate_components
+
+        val_sk = load_split(args.val_split, args.val_limit)
+        overlap = {s.skeleton_id for s in val_sk} & {s.skeleton_id for s in skeletons}
+        if overlap:
+            raise ValueError(f"--val-split shares skeletons with the discovery split: {sorted(overlap)[:5]}")
+        judge = None
+        if args.judge:
+            from ..judge.base import get_judge
+
+            judge = get_judge(args.judge)
+        t1 = time.time()
+        res = validate_components(model, tok, sev_units(val_sk), neurons, heads, diffs, dirs_attn, dirs_mlp,
+                                  ks_neurons=args.ks_neurons, ks_heads=args.ks_heads, n_random=args.n_random,
+                                  layers_neurons=args.val_layers, layers_heads=args.val_layers,
+                                  enhance_scale=args.enhance_scale, prompt_config=config, judge=judge)
+        res.config.update(val_split=str(args.val_split), val_limit=args.val_limit, seconds=round(time.time() - t1, 1))
+        res.save(out)
+        if not args.no_plots:
+            plot_validation(res, out)
+        summary["validation"] = res.summary("final")
+        summary["validation_local"] = res.summary("local")
+        for r in summary["validation"]:
+            print(f"  {r['kind']:7s} {r['mode']:7s} k={r['k']:3d}  Δfinal top {r['top_mean']:+.4f}  random "
+                  f"{r['random_mean']:+.4f}  d(median)={r['cohens_d_median']:+.2f}  top beats random in {r['top_beats_random']}/"
+                  f"{r['n_emotions']}")
+    summary["seconds_total"] = round(time.time() - t0, 1)
+    write_json(out / "summary.json", summary)
+    return 0
