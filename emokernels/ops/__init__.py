@@ -1,12 +1,14 @@
 """emokernels.ops: fused intervention kernels (one op per file, reference beside each kernel).
 
-Exports :func:`gather_add`, :func:`capture_project`, :func:`neuron_edit`, :func:`head_edit` and
-:func:`resolve_backend`. 
+Exports :func:`gather_add`, :func:`capture_project`, :func:`neuron_edit`, :func:`head_edit`,
+:func:`fused_add_rmsnorm` (the residual add + edit + RMSNorm pass of ``patch.fused_layers``) and
+:func:`resolve_backend`.
 """
 from __future__ import annotations
 
 from .backends import resolve_backend
 from .capture_project import capture_project, capture_project_reference
+from .fused_residual import fused_add_rmsnorm, fused_add_rmsnorm_reference
 from .gather_add import gather_add, gather_add_reference
 from .head_edit import head_edit, head_edit_reference
 from .neuron_edit import neuron_edit, neuron_edit_reference
@@ -23,5 +25,7 @@ __all__ = [
     "neuron_edit_reference",
     "head_edit",
     "head_edit_reference",
+    "fused_add_rmsnorm",
+    "fused_add_rmsnorm_reference",
     "resolve_backend",
 ]

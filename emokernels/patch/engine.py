@@ -105,8 +105,13 @@ class PatchHandle(ContextDecorator):
         self.captures: dict[str, dict[int, list]] = defaultdict(lambda: defaultdict(list))
         self._hooks: list = []
         self._mid_h: dict[int, torch.Tensor] = {}
+        self._fused = None  # fused decoder layers (emokernels.patch.fused_layers), non-reference backends
         self.interventions = [self._prepare(iv) for iv in interventions]
-        self._install()
+        try:
+            self._install()
+        except BaseException:
+            self.remove()
+            raise
 
     # -- setup -----------------------------------------------------------------------------
     def _width(self, site: str) -> int:
@@ -157,7 +162,15 @@ class PatchHandle(ContextDecorator):
             for l in iv.layers:
                 by_site[(iv.site, l)].append(iv)
         self._hooks.append(a.backbone.register_forward_pre_hook(self._on_backbone, with_kwargs=True))
+        fused: set = set()
+        if self.backend != "reference":  # residual-point edits/reads ride in fused decoder layers
+            from .fused_layers import install_fused_layers
+
+            self._fused = install_fused_layers(self, by_site)
+            fused = self._fused.keys
         for (site, l), ivs in by_site.items():
+            if (site, l) in fused:
+                continue
             s = a.sites(l)
             if site == "resid_pre":
                 self._hooks.append(s.layer.register_forward_pre_hook(self._pre_layer(l, ivs), with_kwargs=True))
@@ -308,6 +321,9 @@ class PatchHandle(ContextDecorator):
         return self
 
     def remove(self):
+        if self._fused is not None:
+            self._fused.remove()
+            self._fused = None
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
