@@ -36,3 +36,23 @@ def prompt_batch(tok, emotions=(None, "anger", "fear"), padding_side="left"):
 
 def position_ids(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def random_directions(model, seed: int = 0) -> torch.Tensor:
+    """Unit random directions [L, 6, d] for the model's residual width."""
+    from emokernels.models import Adapter
+
+    a = Adapter.of(model)
+    g = torch.Generator().manual_seed(seed)
+    d = torch.randn(a.num_layers, 6, a.hidden_size, generator=g)
+    return d / d.norm(dim=-1, keepdim=True)
+
+
+def op_backends() -> list[str]:
+    """Backends the op tests run here: reference and C++, plus Triton when interpreted."""
+    from emokernels.ops import backends
+
+    out = ["reference", "cpu"]
+    if backends.triton_available() and backends.triton_interpreting():
+        out.append("triton")
+    return out

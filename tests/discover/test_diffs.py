@@ -9,13 +9,7 @@ from emokernels.discover.neurons import forward, run_collectors, sev_units, unit
 from emokernels.models import Adapter
 from tests.helpers import tiny
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread avoids OpenMP wake-up stalls on the shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

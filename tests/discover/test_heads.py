@@ -7,23 +7,13 @@ import torch
 from emokernels.discover.heads import (HeadScores, head_deltas, head_deltas_bruteforce, head_scores,
                                        head_scores_bruteforce)
 from emokernels.models import Adapter
-from tests.helpers import prompt_batch, smollm, tiny
+from tests.helpers import prompt_batch, random_directions, smollm, tiny
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread avoids OpenMP wake-up stalls on the shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 
-def _dirs(model, seed=0):
-    a = Adapter.of(model)
-    g = torch.Generator().manual_seed(seed)
-    d = torch.randn(a.num_layers, 6, a.hidden_size, generator=g)
-    return d / d.norm(dim=-1, keepdim=True)
+_dirs = random_directions
 
 
 def _batch(tok, emotions=(0, 3, 5)):

@@ -8,23 +8,13 @@ from emokernels import Intervention, patch
 from emokernels.discover.neurons import (NeuronAccumulator, NeuronScores, direction_tensors, forward,
                                          neuron_betas, neuron_contributions, run_collectors, sev_units, unit_batches)
 from emokernels.models import Adapter
-from tests.helpers import prompt_batch, smollm, tiny
+from tests.helpers import prompt_batch, random_directions, smollm, tiny
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread avoids OpenMP wake-up stalls on the shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 
-def _dirs(model, seed=0):
-    a = Adapter.of(model)
-    g = torch.Generator().manual_seed(seed)
-    d = torch.randn(a.num_layers, 6, a.hidden_size, generator=g)
-    return d / d.norm(dim=-1, keepdim=True)
+_dirs = random_directions
 
 
 def _batch(tok, emotions=(0, 3, 5)):

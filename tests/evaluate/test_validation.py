@@ -12,23 +12,13 @@ from emokernels.discover.neurons import NeuronAccumulator, forward, run_collecto
 from emokernels.evaluate.validation import (ValidationResult, batched_edit, cohens_d, plot_validation, random_like,
                                             reference_direction, top_components, validate_components)
 from emokernels.models import Adapter
-from tests.helpers import tiny
+from tests.helpers import random_directions, tiny
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread avoids OpenMP wake-up stalls on the shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 
-def _dirs(model, seed=0):
-    a = Adapter.of(model)
-    g = torch.Generator().manual_seed(seed)
-    d = torch.randn(a.num_layers, 6, a.hidden_size, generator=g)
-    return d / d.norm(dim=-1, keepdim=True)
+_dirs = random_directions
 
 
 @pytest.fixture(scope="module")

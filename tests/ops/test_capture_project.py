@@ -6,6 +6,8 @@ import importlib
 import pytest
 import torch
 
+from tests.helpers import op_backends
+
 from emokernels.ops import backends
 from emokernels.ops.capture_project import capture_project, capture_project_reference
 
@@ -16,14 +18,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1, 1, 576, 6), (2, 3, 77, 1), (3, 5, 130, 7), (2, 4, 64, 64), (2, 2, 1, 3)]
 
 
-def _backends():
-    out = ["reference", "cpu"]
-    if backends.triton_available() and backends.triton_interpreting():
-        out.append("triton")
-    return out
-
-
-BACKENDS = _backends()
+BACKENDS = op_backends()
 
 
 def _inputs(B, T, d, K, dtype, dir_dtype=None, seed=0):

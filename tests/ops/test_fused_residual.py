@@ -6,6 +6,8 @@ import importlib
 import pytest
 import torch
 
+from tests.helpers import op_backends
+
 from emokernels.ops import backends
 from emokernels.ops.fused_residual import fused_add_rmsnorm, fused_add_rmsnorm_reference
 
@@ -25,14 +27,7 @@ CONFIGS = {
 }
 
 
-def _backends():
-    out = ["reference", "cpu"]
-    if backends.triton_available() and backends.triton_interpreting():
-        out.append("triton")
-    return out
-
-
-BACKENDS = _backends()
+BACKENDS = op_backends()
 
 
 def _inputs(B, T, d, dtype, cfg, table_dtype=torch.float32, E=4, K=3, seed=0):

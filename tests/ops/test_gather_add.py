@@ -4,6 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.helpers import op_backends
+
 import importlib
 
 from emokernels.ops import backends
@@ -18,14 +20,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1, 1, 576), (2, 3, 77), (3, 5, 128), (2, 2, 1), (1, 4, 577)]
 
 
-def _backends():
-    out = ["reference", "cpu"]
-    if backends.triton_available() and backends.triton_interpreting():
-        out.append("triton")
-    return out
-
-
-BACKENDS = _backends()
+BACKENDS = op_backends()
 
 
 def _inputs(B, T, d, dtype, table_dtype=None, E=4, seed=0):

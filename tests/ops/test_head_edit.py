@@ -6,6 +6,8 @@ import importlib
 import pytest
 import torch
 
+from tests.helpers import op_backends
+
 from emokernels.ops import backends
 from emokernels.ops.head_edit import head_edit, head_edit_reference
 
@@ -19,14 +21,7 @@ SHAPES = [(1, 1, 24, 128, 5), (2, 3, 6, 40, 2), (3, 2, 4, 96, 1), (2, 4, 5, 64, 
 MODES = ["both", "scale", "add", "none"]
 
 
-def _backends():
-    out = ["reference", "cpu"]
-    if backends.triton_available() and backends.triton_interpreting():
-        out.append("triton")
-    return out
-
-
-BACKENDS = _backends()
+BACKENDS = op_backends()
 NATIVE = [b for b in BACKENDS if b != "reference"]
 
 

@@ -6,6 +6,8 @@ import importlib
 import pytest
 import torch
 
+from tests.helpers import op_backends
+
 from emokernels.ops import backends
 from emokernels.ops.neuron_edit import neuron_edit, neuron_edit_reference
 
@@ -18,14 +20,7 @@ SHAPES = [(1, 1, 576, 29), (2, 3, 77, 7), (3, 5, 128, 1), (2, 4, 37, 0), (1, 4, 
 MODES = ["both", "scale", "add", "none"]
 
 
-def _backends():
-    out = ["reference", "cpu"]
-    if backends.triton_available() and backends.triton_interpreting():
-        out.append("triton")
-    return out
-
-
-BACKENDS = _backends()
+BACKENDS = op_backends()
 NATIVE = [b for b in BACKENDS if b != "reference"]
 
 
