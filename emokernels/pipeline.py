@@ -36,7 +36,6 @@ class Run:
         self.a = args
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.timings: dict[str, float] = {}
         self._model = None
         self._judge = None
         state = self.out / "state.json"
@@ -128,11 +127,11 @@ class Run:
 
     def stage_directions(self):
         from .data.sev import dataset_hash
-        from .discover.capture import default_references, prompt_units, reference_text_units
+        from .discover.capture import prompt_units, reference_text_units
         from .discover.directions import estimate
 
         sk = self.skeletons("train", self.a.train_limit)
-        refs = {e: texts[: self.a.texts_per_emotion] for e, texts in default_references().items()}
+        refs = self._references()
         accepted = None
         if self.a.accepted_only:
             accepted = {r["key"] for r in read_jsonl(self.out / "judge" / "train_prompt.jsonl") if r.get("match")}
@@ -145,6 +144,13 @@ class Run:
             dirs.save(self.out / "directions" / source)
             info[source] = {"n_units": len(units)}
         return info
+
+    def _references(self) -> dict[str, list[str]]:
+        """The emotional texts of the text source: the first ``--texts-per-emotion`` packaged
+        reference replies per emotion (hand-written; no SEV test text)."""
+        from .discover.capture import default_references
+
+        return {e: texts[: self.a.texts_per_emotion] for e, texts in default_references().items()}
 
     def directions(self, source: str | None = None):
         from .discover.directions import EmotionDirections
@@ -185,13 +191,12 @@ class Run:
 
     def _text_components(self) -> float:
         """Component scores and Δ from emotional text under neutral prompts (discover.text_components)."""
-        from .discover.capture import default_references, reference_text_units
+        from .discover.capture import reference_text_units
         from .discover.text_components import text_component_tables
         from .io import save_tensors
 
         t = time.time()
-        refs = {e: texts[: self.a.texts_per_emotion] for e, texts in default_references().items()}
-        units = reference_text_units(self.skeletons("train", self.a.train_limit), refs)
+        units = reference_text_units(self.skeletons("train", self.a.train_limit), self._references())
         C, I, diffs = text_component_tables(self.model, self.tok, units, self.directions("text"),
                                             prompt_config=self._prompt_config(), batch_size=self.a.batch_size)
         folder = self.out / "components"
@@ -215,7 +220,14 @@ class Run:
             for v in ("positive", "neutral", "negative"):
                 text = render(self.tok, chat_messages(s.user_message(v), None, cfg), cfg)
                 seqs.append(torch.tensor(self.tok(text, add_special_tokens=False)["input_ids"]))
-        res = sublayer_influence(self.model, seqs, d.directions, d.sigma, method="fast")
+        # fp32: Ī is a finite difference of scores, and bf16 rounding swamps it (the paper ran fp32).
+        # bf16 -> fp32 -> bf16 is exact, so the model comes back bit-identical.
+        dtype = next(self.model.parameters()).dtype
+        self.model.float()
+        try:
+            res = sublayer_influence(self.model, seqs, d.directions, d.sigma, method="fast")
+        finally:
+            self.model.to(dtype)
         res.save(self.out / "influence" / "influence")
         return {"stats": res.stats}
 
