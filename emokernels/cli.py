@@ -20,13 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="emokernels", description="Find and control emotion circuits in transformer LMs.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for mod in STAGES:
-        try:
-            m = importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name and mod.startswith(e.name):
-                continue  # stage not built yet
-            raise
-        m.register(sub)
+        importlib.import_module(mod).register(sub)
     return p
 
 

@@ -55,7 +55,6 @@ class Run:
 
             dtype = torch.bfloat16 if self.a.dtype == "bf16" else torch.float32
             self._model, self.tok = load(self.a.model, dtype=dtype)
-            self._model._emokernels_name = self.a.model
         return self._model
 
     @property

@@ -155,8 +155,9 @@ def _save_dequantized(model, tokenizer, target: Path) -> None:
     os.replace(tmp, target)
 
 
-def _finish(model, tokenizer, dtype):
+def _finish(model, tokenizer, dtype, name: str):
     model = model.to(dtype).eval()
+    model._emokernels_name = name  # artifact metadata names the model as the user loaded it
     if tokenizer is not None and tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer is not None else 0
@@ -181,13 +182,13 @@ def load(name: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, use_cache
         if use_cache and (cached / "config.json").exists():
             tok = AutoTokenizer.from_pretrained(cached)
             model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
-            return _finish(model, tok, dtype)
+            return _finish(model, tok, dtype, sname)
         path = gguf_path(entry)
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
         if use_cache:
             _save_dequantized(model, tok, cached)
-        return _finish(model, tok, dtype)
+        return _finish(model, tok, dtype, sname)
     path = Path(sname)
     if not path.exists():
         known = ", ".join(list(ZOO) + ["tiny-<family>", "<local folder or .gguf>"])
@@ -198,7 +199,7 @@ def load(name: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, use_cache
     else:
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    return _finish(model, tok, dtype)
+    return _finish(model, tok, dtype, str(path))
 
 
 def model_name_of(model) -> str:
