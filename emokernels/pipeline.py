@@ -19,6 +19,7 @@ the output folder.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import time
@@ -329,7 +330,7 @@ class Run:
                    "degenerate": sum(map(degenerate, texts)) / len(texts),
                    "caricature": sum(map(caricature, texts)) / len(texts), "distinct2": distinct_n(texts, 2)}
             try:
-                ppl = perplexity(self.model, self.tok, [_neutral_prompt(self, r) for r in rows], texts)
+                ppl = perplexity(self.model, self.tok, [self._neutral_prompt(r) for r in rows], texts)
                 ppl = [p for p in ppl if p is not None and math.isfinite(p)]
                 nat["perplexity"] = sorted(ppl)[len(ppl) // 2] if ppl else None  # median over replies
             except Exception as e:  # noqa: BLE001 - report, don't lose the comparison
@@ -339,22 +340,24 @@ class Run:
         write_json(self.out / "compare" / "comparison.json", result)
         return {k: {"accuracy": v["report"]["accuracy"]["overall"]["accuracy"], **v["naturalness"]} for k, v in result.items()}
 
+    @functools.cached_property
+    def _test_skeletons(self) -> dict:
+        from .data.sev import load_split
+
+        return {s.skeleton_id: s for s in load_split("test")}
+
+    def _neutral_prompt(self, row: dict) -> str:
+        """The rendered neutral prompt a test reply answered (perplexity is taken under it)."""
+        from .data.prompts import chat_messages, render
+
+        s, cfg = self._test_skeletons[row["skeleton_id"]], self._prompt_config()
+        return render(self.tok, chat_messages(s.user_message(row["valence"]), None, cfg), cfg)
+
     # -- report ----------------------------------------------------------------------------------
     def write_report(self, seconds: float):
         from .report import write_run_report
 
         write_run_report(self.out, self.state, seconds)
-
-
-def _neutral_prompt(run: Run, row: dict) -> str:
-    from .data.prompts import chat_messages, render
-    from .data.sev import load_split
-
-    if not hasattr(run, "_skeletons"):
-        run._skeletons = {s.skeleton_id: s for s in load_split("test")}
-    s = run._skeletons[row["skeleton_id"]]
-    cfg = run._prompt_config()
-    return render(run.tok, chat_messages(s.user_message(row["valence"]), None, cfg), cfg)
 
 
 def register(subparsers) -> None:

@@ -42,6 +42,9 @@ __all__ = [
     "native_fn",
     "warn_once",
     "cuda_stream_ptr",
+    "opt_ptr",
+    "contiguous",
+    "f32_contiguous",
 ]
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
@@ -232,3 +235,23 @@ def _reset_for_tests() -> None:
     """Forget cached resolutions and one-time warnings (tests only; keeps loaded modules)."""
     _cache.clear()
     _warned.clear()
+
+
+# -- small argument helpers shared by the op files -----------------------------------------------
+def opt_ptr(t) -> int:
+    """``t.data_ptr()``, or 0 (a null pointer for the native kernels) when ``t`` is None."""
+    return 0 if t is None else t.data_ptr()
+
+
+def contiguous(t):
+    """``t`` as a contiguous tensor (None stays None), copying only when needed."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
+def f32_contiguous(t):
+    """``t`` as a contiguous fp32 tensor (None stays None): the native kernels read fp32 tables."""
+    if t is None:
+        return None
+    if t.dtype != torch.float32:
+        t = t.to(torch.float32)
+    return t if t.is_contiguous() else t.contiguous()

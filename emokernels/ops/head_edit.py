@@ -44,7 +44,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backends import DTYPE_CODE, cuda_stream_ptr, native_fn, resolve_backend
+from .backends import DTYPE_CODE, contiguous, cuda_stream_ptr, f32_contiguous, native_fn, opt_ptr, resolve_backend
 
 try:  # Triton is optional (CPU-only installs)
     import triton
@@ -145,17 +145,13 @@ def _run_triton(z, head_index, hd, scale, add, row_idx, strength, pos_mask, out)
 # --------------------------------------------------------------------------------------------
 # native backends
 # --------------------------------------------------------------------------------------------
-def _ptr(t: Optional[Tensor]) -> int:
-    return 0 if t is None else t.data_ptr()
-
-
 def _run_cpu(z, head_index, hd, scale, add, row_idx, strength, pos_mask, out):
     fn = native_fn("cpu", "head_edit")
     if fn is None:
         return _run_reference(z, head_index, hd, scale, add, row_idx, strength, pos_mask, out)
     B, T, D = z.shape
     E = (scale if scale is not None else add).shape[0]
-    fn(out.data_ptr(), z.data_ptr(), head_index.data_ptr(), _ptr(scale), _ptr(add),
+    fn(out.data_ptr(), z.data_ptr(), head_index.data_ptr(), opt_ptr(scale), opt_ptr(add),
        row_idx.data_ptr(), strength.data_ptr(), pos_mask.data_ptr(), B, T, D // hd, hd,
        head_index.numel(), E, DTYPE_CODE[z.dtype])
     return out
@@ -167,7 +163,7 @@ def _run_cuda(z, head_index, hd, scale, add, row_idx, strength, pos_mask, out):
         return _run_reference(z, head_index, hd, scale, add, row_idx, strength, pos_mask, out)
     B, T, D = z.shape
     E = (scale if scale is not None else add).shape[0]
-    fn(out.data_ptr(), z.data_ptr(), head_index.data_ptr(), _ptr(scale), _ptr(add),
+    fn(out.data_ptr(), z.data_ptr(), head_index.data_ptr(), opt_ptr(scale), opt_ptr(add),
        row_idx.data_ptr(), strength.data_ptr(), pos_mask.data_ptr(), B, T, D // hd, hd,
        head_index.numel(), E, DTYPE_CODE[z.dtype], cuda_stream_ptr(z))
     return out
@@ -183,30 +179,18 @@ def _run_reference(z, head_index, hd, scale, add, row_idx, strength, pos_mask, o
 _RUNNERS = {"reference": _run_reference, "cpu": _run_cpu, "triton": _run_triton, "cuda": _run_cuda}
 
 
-def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
-    return t if t is None or t.is_contiguous() else t.contiguous()
-
-
-def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
-    if t is None:
-        return None
-    if t.dtype != torch.float32:
-        t = t.to(torch.float32)
-    return t if t.is_contiguous() else t.contiguous()
-
-
 def _forward(backend: str, z, head_index, hd, scale, add, row_idx, strength, pos_mask, out=None):
     """Run one backend; ``out`` (contiguous, z's shape and dtype) may be given, e.g. ``z`` itself."""
     if backend == "reference" or torch.float64 in (z.dtype, getattr(scale, "dtype", None),
                                                     getattr(add, "dtype", None)):
         return _run_reference(z, head_index, hd, scale, add, row_idx, strength, pos_mask, out)
-    z = _contig(z)
+    z = contiguous(z)
     if out is None:
         out = torch.empty_like(z, memory_format=torch.contiguous_format)
     if (scale is None and add is None) or head_index.numel() == 0 or z.numel() == 0:
         return out if out is z else out.copy_(z)                    # identity edit
-    head_index, row_idx, pos_mask = _contig(head_index), _contig(row_idx), _contig(pos_mask)
-    scale, add, strength = _f32(scale), _f32(add), _f32(strength)
+    head_index, row_idx, pos_mask = contiguous(head_index), contiguous(row_idx), contiguous(pos_mask)
+    scale, add, strength = f32_contiguous(scale), f32_contiguous(add), f32_contiguous(strength)
     return _RUNNERS[backend](z, head_index, hd, scale, add, row_idx, strength, pos_mask, out)
 
 

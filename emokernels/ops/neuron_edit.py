@@ -48,7 +48,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backends import DTYPE_CODE, cuda_stream_ptr, native_fn, resolve_backend
+from .backends import DTYPE_CODE, contiguous, cuda_stream_ptr, f32_contiguous, native_fn, opt_ptr, resolve_backend
 
 try:  # Triton is optional (CPU-only installs)
     import triton
@@ -145,17 +145,13 @@ def _run_triton(a, index, scale, add, row_idx, strength, pos_mask, out):
 # --------------------------------------------------------------------------------------------
 # native backends
 # --------------------------------------------------------------------------------------------
-def _ptr(t: Optional[Tensor]) -> int:
-    return 0 if t is None else t.data_ptr()
-
-
 def _run_cpu(a, index, scale, add, row_idx, strength, pos_mask, out):
     fn = native_fn("cpu", "neuron_edit")
     if fn is None:
         return _run_reference(a, index, scale, add, row_idx, strength, pos_mask, out)
     B, T, N = a.shape
     E = (scale if scale is not None else add).shape[0]
-    fn(out.data_ptr(), a.data_ptr(), index.data_ptr(), _ptr(scale), _ptr(add), row_idx.data_ptr(),
+    fn(out.data_ptr(), a.data_ptr(), index.data_ptr(), opt_ptr(scale), opt_ptr(add), row_idx.data_ptr(),
        strength.data_ptr(), pos_mask.data_ptr(), B, T, N, index.numel(), E, DTYPE_CODE[a.dtype])
     return out
 
@@ -166,7 +162,7 @@ def _run_cuda(a, index, scale, add, row_idx, strength, pos_mask, out):
         return _run_reference(a, index, scale, add, row_idx, strength, pos_mask, out)
     B, T, N = a.shape
     E = (scale if scale is not None else add).shape[0]
-    fn(out.data_ptr(), a.data_ptr(), index.data_ptr(), _ptr(scale), _ptr(add), row_idx.data_ptr(),
+    fn(out.data_ptr(), a.data_ptr(), index.data_ptr(), opt_ptr(scale), opt_ptr(add), row_idx.data_ptr(),
        strength.data_ptr(), pos_mask.data_ptr(), B, T, N, index.numel(), E, DTYPE_CODE[a.dtype],
        cuda_stream_ptr(a))
     return out
@@ -182,30 +178,18 @@ def _run_reference(a, index, scale, add, row_idx, strength, pos_mask, out):
 _RUNNERS = {"reference": _run_reference, "cpu": _run_cpu, "triton": _run_triton, "cuda": _run_cuda}
 
 
-def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
-    return t if t is None or t.is_contiguous() else t.contiguous()
-
-
-def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
-    if t is None:
-        return None
-    if t.dtype != torch.float32:
-        t = t.to(torch.float32)
-    return t if t.is_contiguous() else t.contiguous()
-
-
 def _forward(backend: str, a, index, scale, add, row_idx, strength, pos_mask, out=None):
     """Run one backend; ``out`` (contiguous, a's shape and dtype) may be given, e.g. ``a`` itself."""
     if backend == "reference" or torch.float64 in (a.dtype, getattr(scale, "dtype", None),
                                                     getattr(add, "dtype", None)):
         return _run_reference(a, index, scale, add, row_idx, strength, pos_mask, out)
-    a = _contig(a)
+    a = contiguous(a)
     if out is None:
         out = torch.empty_like(a, memory_format=torch.contiguous_format)
     if (scale is None and add is None) or index.numel() == 0 or a.numel() == 0:
         return out if out is a else out.copy_(a)                   # identity edit
-    index, row_idx, pos_mask = _contig(index), _contig(row_idx), _contig(pos_mask)
-    scale, add, strength = _f32(scale), _f32(add), _f32(strength)
+    index, row_idx, pos_mask = contiguous(index), contiguous(row_idx), contiguous(pos_mask)
+    scale, add, strength = f32_contiguous(scale), f32_contiguous(add), f32_contiguous(strength)
     return _RUNNERS[backend](a, index, scale, add, row_idx, strength, pos_mask, out)
 
 
