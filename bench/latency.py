@@ -18,13 +18,22 @@ median over rounds of the *paired* ratio against the unpatched model measured in
                    parameters (all positions; no per-row emotions) — what an edit costs at best
   pyvene / nnsight the same steering edit through those libraries, when importable
 
+With ``--compile MODE`` the decode step is also timed under ``torch.compile(mode=MODE)`` with a
+static KV cache (eager prefill, compiled decode: what transformers' generate does), for the
+conditions in ``--compile-conditions``: each on its own module tree over the same weight tensors,
+with its hooks or patch installed for the whole run, so one compiled graph per condition. The
+table then also gives every decode time against the *fastest* unpatched setup (eager or compiled):
+a tool whose hooks cannot be compiled pays the lost compile / CUDA-graph speed-up there.
+
 Run ``python bench/latency.py --help``. Writes ``bench/results/<machine>-<date>.csv`` and ``.md``.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime as _dt
+import itertools
 import os
 import platform
 import statistics
@@ -180,16 +189,78 @@ def _time_prefill(fwd, ids, dev) -> float:
 
 def _time_decode(fwd, ids, dev, steps: int = 4) -> float:
     """Mean time of one KV-cached decode step after a prefill of ``ids`` (prefill not timed)."""
-    out = fwd(input_ids=ids, use_cache=True)
-    cache = out.past_key_values
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    key = CACHE_KW
+    fwd(input_ids=ids, use_cache=True, **{key: cache})
     nxt = ids[:, -1:]
     _sync(dev)
     t = time.perf_counter()
     for _ in range(steps):
-        cache_out = fwd(input_ids=nxt, past_key_values=cache, use_cache=True)
+        fwd(input_ids=nxt, use_cache=True, **{key: cache})
     _sync(dev)
-    del cache_out
     return (time.perf_counter() - t) / steps
+
+
+CACHE_KW = "past_key_values"
+
+
+# ---------------------------------------------------------------------------------------------
+# compiled decode: static cache, one compiled step per condition
+# ---------------------------------------------------------------------------------------------
+COMPILED_DEFAULT = "unpatched,hooks_steer,hooks_circuit,emk_fused_steer,emk_fused_bias"
+
+
+def shared_copy(model):
+    """A second module tree over the *same* parameter and buffer tensors (no weight memory): a
+    condition's hooks or patch stay installed on it while its compiled step is timed."""
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def _fresh_step(model):
+    """``model(**kw)`` under a code object of its own: dynamo keys its cache on the code object,
+    so each condition gets its own graph and no condition pays for another's guard checks."""
+    ns: dict = {}
+    exec("def step(**kw):\n    return model(**kw)\n", {"model": model}, ns)  # noqa: S102
+    return ns["step"]
+
+
+class CompiledDecode:
+    """One condition's decode step under ``torch.compile``, on a shared-weight copy of the model."""
+
+    def __init__(self, model, name: str, batch: int, prompt: int, steps: int, mode: str, backend: str):
+        from transformers import StaticCache
+
+        self.model = shared_copy(model)
+        self.name, self.steps = name, steps
+        conds = conditions(self.model, Workload(self.model), batch, third_party=False)
+        self._ctx = conds[name]()
+        self._ctx.__enter__()  # installed for the whole run (left in close())
+        dev = next(model.parameters()).device
+        self.cache = StaticCache(config=self.model.config, max_cache_len=prompt + steps)
+        self.positions = [torch.full((batch, 1), prompt + s, device=dev, dtype=torch.long) for s in range(steps)]
+        kw = dict(mode=mode) if backend == "inductor" else dict(backend=backend)
+        self.step = torch.compile(_fresh_step(self.model), dynamic=False, **kw)
+        self.key = Adapter.of(self.model).cache_kwarg
+
+    def time(self, ids, dev) -> float:
+        """Mean decode-step time after an eager prefill of ``ids`` (the patch sees the prefill)."""
+        self.cache.reset()
+        self.model(input_ids=ids, use_cache=True, **{self.key: self.cache})
+        nxt = ids[:, -1:]
+        _sync(dev)
+        t = time.perf_counter()
+        mark = torch.compiler.cudagraph_mark_step_begin if dev.type == "cuda" else (lambda: None)
+        for pos in self.positions:
+            mark()  # a new decode step: CUDA-graph trees may reuse the last step's output memory
+            self.step(input_ids=nxt, use_cache=True, position_ids=pos, **{self.key: self.cache})
+        _sync(dev)
+        return (time.perf_counter() - t) / self.steps
+
+    def close(self):
+        self._ctx.__exit__(None, None, None)
 
 
 @contextlib.contextmanager
@@ -198,7 +269,7 @@ def _yield_model(model, ctx):
         yield model
 
 
-def conditions(model, wl: Workload, batch: int) -> dict:
+def conditions(model, wl: Workload, batch: int, third_party: bool = True) -> dict:
     """name -> factory of a context manager that yields the forward callable to time."""
     rows = torch.arange(batch, device=next(model.parameters()).device) % 6  # per-row emotions
     conds = {
@@ -212,7 +283,8 @@ def conditions(model, wl: Workload, batch: int) -> dict:
         "emk_fused_bias": lambda: _yield_model(model, patch(model, *wl.bias_ivs(rows), backend="fused")),
         "folded_bias": lambda: _yield_model(model, wl.folded_bias()),
     }
-    conds.update(_third_party(model, wl))
+    if third_party:
+        conds.update(_third_party(model, wl))
     return conds
 
 
@@ -278,14 +350,33 @@ def _third_party(model, wl: Workload) -> dict:
 NOTES: list[str] = []
 
 
-def run(model, name: str, shapes, rounds: int, warmup: int, dev) -> list[dict]:
+def run(model, name: str, shapes, rounds: int, warmup: int, dev, keep=None, compile_mode: str | None = None,
+        compile_conditions=(), compile_shapes=None, compile_backend: str = "inductor") -> list[dict]:
+    global CACHE_KW
+    CACHE_KW = Adapter.of(model).cache_kwarg
+    model.requires_grad_(False)  # inference; pyvene freezes the weights itself, which would fail compiled guards
     wl = Workload(model)
     rows_out = []
     torch.manual_seed(0)
     for (B, T) in shapes:
         ids = torch.randint(10, model.config.vocab_size - 10, (B, T), device=dev)
-        conds = conditions(model, wl, B)
+        conds = {c: f for c, f in conditions(model, wl, B).items() if keep is None or c in keep}
         times = {c: {"prefill": [], "decode": []} for c in conds}
+        compiled: dict[str, CompiledDecode] = {}
+        if compile_mode and (compile_shapes is None or (B, T) in compile_shapes):
+            torch._dynamo.reset()
+            for c in compile_conditions:
+                try:
+                    t0 = time.perf_counter()
+                    cd = CompiledDecode(model, c, B, T, steps=4, mode=compile_mode, backend=compile_backend)
+                    with torch.no_grad():
+                        for _ in range(max(warmup, 3)):  # compile, then CUDA-graph warm-up and record
+                            cd.time(ids, dev)
+                    compiled[c] = cd
+                    print(f"  compiled {c} ({compile_mode}): {time.perf_counter() - t0:.0f} s", flush=True)
+                except Exception as e:  # noqa: BLE001 - a condition that cannot compile is reported
+                    NOTES.append(f"{c}@compiled: failed at B={B} T={T} ({type(e).__name__}: {str(e)[:160]})")
+            times.update({f"{c}@compiled": {"decode": []} for c in compiled})
         with torch.no_grad():
             for c, f in list(conds.items()):  # warm-up (and first-use kernel builds)
                 try:
@@ -297,20 +388,33 @@ def run(model, name: str, shapes, rounds: int, warmup: int, dev) -> list[dict]:
                     NOTES.append(f"{c}: failed at B={B} T={T} ({type(e).__name__}: {str(e)[:100]})")
                     del conds[c], times[c]
             for r in range(rounds):
-                order = list(conds) if r % 2 == 0 else list(reversed(conds))
-                for c in order:
+                names = list(conds) + [f"{c}@compiled" for c in compiled]
+                for c in (names if r % 2 == 0 else list(reversed(names))):
+                    if c.endswith("@compiled"):
+                        times[c]["decode"].append(compiled[c[: -len("@compiled")]].time(ids, dev))
+                        continue
                     with conds[c]() as fwd:
                         times[c]["prefill"].append(_time_prefill(fwd, ids, dev))
                         times[c]["decode"].append(_time_decode(fwd, ids, dev))
-        for c in conds:
-            for phase in ("prefill", "decode"):
-                base = times["unpatched"][phase]
+        for cd in compiled.values():
+            cd.close()
+        best = None  # per round, the fastest unpatched decode (eager or compiled)
+        if "unpatched@compiled" in times:
+            best = [min(a, b) for a, b in zip(times["unpatched"]["decode"], times["unpatched@compiled"]["decode"])]
+        for c in times:
+            mode = "compiled" if c.endswith("@compiled") else "eager"
+            for phase in times[c]:
+                base = times["unpatched" if mode == "eager" else "unpatched@compiled"][phase]
                 mine = times[c][phase]
-                ratios = [m / b for m, b in zip(mine, base)]
-                added = [(m - b) * 1e3 for m, b in zip(mine, base)]
-                rows_out.append(dict(model=name, batch=B, prompt=T, phase=phase, condition=c,
-                                     median_ms=statistics.median(mine) * 1e3, ratio=statistics.median(ratios),
-                                     added_ms=statistics.median(added), rounds=rounds))
+                row = dict(model=name, batch=B, prompt=T, phase=phase, condition=c.replace("@compiled", ""),
+                           mode=mode if mode == "eager" else f"compiled:{compile_mode}",
+                           median_ms=statistics.median(mine) * 1e3,
+                           ratio=statistics.median([m / b for m, b in zip(mine, base)]),
+                           added_ms=statistics.median([(m - b) * 1e3 for m, b in zip(mine, base)]),
+                           ratio_vs_best="", rounds=rounds)
+                if best is not None and phase == "decode":
+                    row["ratio_vs_best"] = f"{statistics.median([m / b for m, b in zip(mine, best)]):.3f}"
+                rows_out.append(row)
         print(f"{name} B={B} T={T}: done", flush=True)
     return rows_out
 
@@ -337,11 +441,13 @@ def write_results(rows: list[dict], info: dict, tag: str) -> Path:
             w.writerow({**r, **info})
     lines = [f"# Intervention latency — {info['card']}", "",
              f"date {info['date']}, commit {info['commit']}, torch {info['torch']}, transformers {info['transformers']}", "",
-             "| model | B | T | phase | condition | median ms | ratio vs unpatched | added ms |",
-             "|---|---|---|---|---|---|---|---|"]
+             "Ratios are medians of per-round paired ratios against the unpatched model in the same mode; "
+             "'vs fastest' pairs each decode step with the faster of unpatched eager and unpatched compiled.", "",
+             "| model | B | T | phase | mode | condition | median ms | ratio vs unpatched | added ms | vs fastest |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['batch']} | {r['prompt']} | {r['phase']} | {r['condition']} | "
-                     f"{r['median_ms']:.2f} | {r['ratio']:.3f} | {r['added_ms']:+.3f} |")
+        lines.append(f"| {r['model']} | {r['batch']} | {r['prompt']} | {r['phase']} | {r['mode']} | {r['condition']} | "
+                     f"{r['median_ms']:.2f} | {r['ratio']:.3f} | {r['added_ms']:+.3f} | {r['ratio_vs_best'] or '–'} |")
     if NOTES:
         lines += [""] + [f"- {n}" for n in NOTES]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
@@ -371,7 +477,16 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--tag", default=None, help="results file prefix (default: cpu or the card)")
+    p.add_argument("--suffix", default="", help="appended to the tag (e.g. -llama-3-8b), so runs do not overwrite")
+    p.add_argument("--conditions", default=None, help="comma list of eager conditions to time (default: all)")
+    p.add_argument("--compile", default=None, metavar="MODE",
+                   help="also time decode under torch.compile(mode=MODE), e.g. reduce-overhead (CUDA graphs) or default")
+    p.add_argument("--compile-conditions", default=COMPILED_DEFAULT, help="comma list of conditions to compile")
+    p.add_argument("--compile-shapes", default=None, help="comma list of BxT to compile (default: all --shapes)")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager for a quick check)")
     a = p.parse_args(argv)
+    if a.compile:
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
     shapes = [tuple(int(x) for x in s.split("x")) for s in a.shapes.split(",")]
     rows, dev = [], torch.device("cpu")
@@ -381,10 +496,14 @@ def main(argv=None):
             model = gpu_model(name[4:])
         else:
             model, _ = load(name, dtype=dtype)
-        rows += run(model, name, shapes, a.rounds, a.warmup, dev)
+        cshapes = None if a.compile_shapes is None else [tuple(int(x) for x in v.split("x")) for v in a.compile_shapes.split(",")]
+        keep = None if a.conditions is None else set(a.conditions.split(",")) | {"unpatched"}
+        rows += run(model, name, shapes, a.rounds, a.warmup, dev, keep=keep, compile_mode=a.compile,
+                    compile_conditions=[c for c in a.compile_conditions.split(",") if c], compile_shapes=cshapes,
+                    compile_backend=a.compile_backend)
         del model
     info = machine_info(dev)
-    tag = a.tag or ("cpu" if dev.type == "cpu" else info["card"].replace(" ", "-"))
+    tag = (a.tag or ("cpu" if dev.type == "cpu" else info["card"].replace(" ", "-"))) + a.suffix
     path = write_results(rows, info, tag)
     print(path.read_text())
 

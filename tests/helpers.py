@@ -56,3 +56,31 @@ def op_backends() -> list[str]:
     if backends.triton_available() and backends.triton_interpreting():
         out.append("triton")
     return out
+
+
+def compile_matches_eager(f, inputs, rtol=1e-4, atol=1e-5) -> set[str]:
+    """``torch.compile(f, fullgraph=True)`` against eager ``f`` on leaf copies of ``inputs``: the
+    value and every input's gradient. Returns the op names in the compiled graph (to tell a traced
+    reference from the opaque ``emokernels::*`` custom op)."""
+    seen: set[str] = set()
+
+    def recording(gm, example_inputs):
+        seen.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    cf = torch.compile(f, fullgraph=True, backend=recording)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    ref_leaves = [t.clone().requires_grad_() for t in inputs]
+    out = cf(*leaves)
+    out.backward()
+    ref = f(*ref_leaves)
+    ref.backward()
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(leaves, ref_leaves):
+        torch.testing.assert_close(a.grad, b.grad, rtol=rtol, atol=atol)
+    return seen
+
+
+def uses_custom_op(graph_ops: set[str]) -> bool:
+    return any("emokernels" in t for t in graph_ops)

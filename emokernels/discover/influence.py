@@ -271,13 +271,6 @@ class _Injector:
         self.handles.clear()
 
 
-def _cache_kwarg(backbone) -> str:
-    """transformers ≥ 5.2x names the backbone's cache argument ``cache``; earlier ones ``past_key_values``."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
-
-
 def _new_cache(model):
     from transformers import DynamicCache
 
@@ -419,7 +412,7 @@ def influence_fast(model, prompts, u: torch.Tensor, sigma: torch.Tensor, v_ref: 
         groups.setdefault(len(s), []).append(i)
     batches = [(T, idx[g : g + group_size]) for T, idx in sorted(groups.items()) for g in range(0, len(idx), group_size)]
     n_chunks = math.ceil(N / chunk)
-    cache_kw = _cache_kwarg(backbone)
+    cache_kw = plan.adapter.cache_kwarg
     injector = _Injector(plan.adapter, plan.kinds, plan.layers)
     calls = rows = 0
     t0 = time.perf_counter()

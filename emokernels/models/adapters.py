@@ -16,6 +16,7 @@ engine) and patched layers (fused path) find them the same way in every family.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -84,6 +85,8 @@ class Adapter:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.intermediate_size = cfg.intermediate_size
         self.final_norm = self.backbone.norm
+        # transformers >= 5.2x names the cache argument ``cache``; earlier 5.x ``past_key_values``
+        self.cache_kwarg = "cache" if "cache" in inspect.signature(self.backbone.forward).parameters else "past_key_values"
 
     @classmethod
     def of(cls, model: nn.Module) -> "Adapter":

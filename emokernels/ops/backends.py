@@ -38,6 +38,7 @@ __all__ = [
     "cpu_ext_error",
     "cuda_ext_error",
     "triton_available",
+    "trace_reference",
     "triton_interpreting",
     "native_fn",
     "warn_once",
@@ -229,6 +230,17 @@ def resolve_backend(tensor_device: torch.device | str, requested: str | None = N
         if not (dev == "cpu" and requested.lower() == "triton"):  # type: ignore[union-attr]
             _cache[key] = out
     return out
+
+
+def trace_reference(requested: str | None) -> bool:
+    """Under ``torch.compile``: trace the op's pure-torch reference instead of calling the custom op?
+
+    Yes unless a native backend was asked for by name (argument or ``$EMOKERNELS_BACKEND``).
+    Inductor then fuses the edit into the kernels it writes around it (the residual add and RMSNorm
+    it would write anyway) and no Python runs per call; an opaque custom op would cost a Python
+    dispatch per call where CUDA graphs do not replay it (CPU), and a fusion boundary everywhere.
+    """
+    return (requested or _env_backend()) in ("auto", "reference")
 
 
 def _reset_for_tests() -> None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backends import DTYPE_CODE, cuda_stream_ptr, native_fn, resolve_backend
+from .backends import DTYPE_CODE, cuda_stream_ptr, native_fn, resolve_backend, trace_reference
 
 try:
     import triton
@@ -271,6 +271,8 @@ def capture_project(h: Tensor, directions: Tensor, index: Tensor, copy_rows: boo
     """
     _check(h, directions, index)
     if torch.compiler.is_compiling():
+        if trace_reference(backend):
+            return capture_project_reference(h, directions, index, bool(copy_rows))
         P, rows = torch.ops.emokernels.capture_project(h, directions, index, bool(copy_rows),
                                                        backend or "")
         return (P, rows) if copy_rows else P

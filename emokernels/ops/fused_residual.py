@@ -56,7 +56,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backends import DTYPE_CODE, cuda_stream_ptr, native_fn, resolve_backend, warn_once
+from .backends import DTYPE_CODE, cuda_stream_ptr, native_fn, resolve_backend, trace_reference, warn_once
 from .capture_project import capture_project_reference
 from .gather_add import gather_add_reference
 
@@ -451,6 +451,9 @@ def fused_add_rmsnorm_unchecked(backend: str, requested: str, residual, delta, t
     the default), passed to the custom op under ``torch.compile``. Callers validate once (the
     fused layers do at patch time). ``rms_scale``, ``gemma`` bool; ``eps``, ``edit_eps`` float.
     """
+    if torch.compiler.is_compiling() and trace_reference(requested or None):
+        return fused_add_rmsnorm_reference(residual, delta, table, row_idx, strength, pos_mask, rms_scale,
+                                           gamma, eps, gemma, directions, readout, edit_eps)
     if torch.is_grad_enabled() and _needs_grad(residual, delta, table, strength, gamma, directions):
         if torch.compiler.is_compiling():
             return torch.ops.emokernels.fused_add_rmsnorm(

@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backends import DTYPE_CODE, cuda_stream_ptr, native_fn, resolve_backend
+from .backends import DTYPE_CODE, cuda_stream_ptr, native_fn, resolve_backend, trace_reference
 
 try:  # Triton is optional (CPU-only installs)
     import triton
@@ -291,6 +291,8 @@ def gather_add(h: Tensor, table: Tensor, row_idx: Tensor, strength: Tensor, pos_
         _check(h, table, row_idx, strength, pos_mask)
         if inplace:
             raise RuntimeError("gather_add: inplace=True is not supported under torch.compile")
+        if trace_reference(backend):
+            return gather_add_reference(h, table, row_idx, strength, pos_mask, bool(rms_scale), float(eps))
         return torch.ops.emokernels.gather_add(h, table, row_idx, strength, pos_mask,
                                                bool(rms_scale), float(eps), backend or "")
     _check(h, table, row_idx, strength, pos_mask)

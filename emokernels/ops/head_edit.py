@@ -44,7 +44,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backends import DTYPE_CODE, contiguous, cuda_stream_ptr, f32_contiguous, native_fn, opt_ptr, resolve_backend
+from .backends import DTYPE_CODE, contiguous, cuda_stream_ptr, f32_contiguous, native_fn, opt_ptr, resolve_backend, trace_reference
 
 try:  # Triton is optional (CPU-only installs)
     import triton
@@ -362,6 +362,9 @@ def head_edit(z: Tensor, head_index: Tensor, head_dim: int, scale_table: Optiona
     if torch.compiler.is_compiling():
         if inplace:
             raise RuntimeError("head_edit: inplace=True is not supported under torch.compile")
+        if trace_reference(backend):
+            return head_edit_reference(z, head_index, head_dim, scale_table, add_table, row_idx, strength,
+                                       pos_mask)
         return torch.ops.emokernels.head_edit(z, head_index, head_dim, scale_table, add_table,
                                               row_idx, strength, pos_mask, backend or "")
     be = resolve_backend(z.device, backend)

@@ -48,7 +48,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backends import DTYPE_CODE, contiguous, cuda_stream_ptr, f32_contiguous, native_fn, opt_ptr, resolve_backend
+from .backends import DTYPE_CODE, contiguous, cuda_stream_ptr, f32_contiguous, native_fn, opt_ptr, resolve_backend, trace_reference
 
 try:  # Triton is optional (CPU-only installs)
     import triton
@@ -352,6 +352,8 @@ def neuron_edit(a: Tensor, index: Tensor, scale_table: Optional[Tensor],
     if torch.compiler.is_compiling():
         if inplace:
             raise RuntimeError("neuron_edit: inplace=True is not supported under torch.compile")
+        if trace_reference(backend):
+            return neuron_edit_reference(a, index, scale_table, add_table, row_idx, strength, pos_mask)
         return torch.ops.emokernels.neuron_edit(a, index, scale_table, add_table, row_idx,
                                                 strength, pos_mask, backend or "")
     be = resolve_backend(a.device, backend)

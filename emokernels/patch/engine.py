@@ -28,13 +28,16 @@ from ..models.adapters import Adapter
 from .spec import Intervention
 
 _BACKENDS = ("reference", "fused", "auto", "cpu", "triton", "cuda")
+_TRACED_READOUT = ("readout captures need to know whether a call is the prefill; under torch.compile with a static "
+                   "cache that is a device value: run the prefill eagerly (as transformers' generate does)")
 
 
 class PatchState:
     """Per-forward-call position info shared by all hooks of one patch."""
 
     def __init__(self):
-        self.readout: torch.Tensor | None = None  # int64 [B], absolute index of t*
+        self.readout: torch.Tensor | None = None  # int64 [B], absolute index of t* (this call)
+        self._prefill_readout: torch.Tensor | None = None  # t* set by the last eager prefill
         self.readout_override: torch.Tensor | None = None
         self.prefill = True
         self.past = 0
@@ -43,25 +46,43 @@ class PatchState:
         self.abs_pos: torch.Tensor | None = None  # int64 [T]
         self.batch = 0
 
-    def begin(self, batch: int, T: int, past: int, attention_mask, device):
-        self.batch, self.past, self.prefill = batch, past, past == 0
+    def begin(self, batch: int, T: int, past, attention_mask, device):
+        """Start a forward call. ``past`` is the cached length: an int, or a 0-d tensor (a static
+        cache under ``torch.compile``, where reading it on the host would break the graph)."""
+        self.batch = batch
         self._masks = {}
         self.rows_cache = {}
+        if isinstance(past, torch.Tensor):  # traced: no host sync, no python branch on the value
+            if self._prefill_readout is None or self._prefill_readout.shape[0] != batch:
+                raise RuntimeError("under torch.compile with a static cache, run the prefill eagerly under the "
+                                   "patch first (as transformers' generate does) and compile the decode steps")
+            self.past, self.prefill = past, None
+            self.abs_pos = past.to(device=device, dtype=torch.long) + torch.arange(T, device=device)
+            # written for this call only (a CUDA-graph output must not be read by the next call)
+            self.readout = torch.where(past == 0, self._fresh_readout(batch, T, attention_mask, device),
+                                       self._prefill_readout)
+            return
+        self.past, self.prefill = past, past == 0
         self.abs_pos = torch.arange(past, past + T, device=device)
         if self.prefill:
-            if self.readout_override is not None:
-                r = self.readout_override.to(device=device, dtype=torch.long)
-                if r.shape != (batch,):
-                    raise ValueError(f"readout= must have shape [{batch}], got {tuple(r.shape)}")
-                self.readout = r
-            elif attention_mask is not None:
-                from ..data.prompts import readout_positions
-
-                self.readout = readout_positions(attention_mask[:, : past + T])
-            else:
-                self.readout = torch.full((batch,), T - 1, device=device, dtype=torch.long)
-        elif self.readout is None or self.readout.shape[0] != batch:
+            self.readout = self._prefill_readout = self._fresh_readout(batch, T, attention_mask, device)
+        elif self._prefill_readout is None or self._prefill_readout.shape[0] != batch:
             raise RuntimeError("a cached forward call came before any prefill under this patch")
+        else:
+            self.readout = self._prefill_readout
+
+    def _fresh_readout(self, batch: int, T: int, attention_mask, device) -> torch.Tensor:
+        """t* of a prefill call: the ``readout=`` override, else the last real token of each row."""
+        if self.readout_override is not None:
+            r = self.readout_override.to(device=device, dtype=torch.long)
+            if r.shape != (batch,):
+                raise ValueError(f"readout= must have shape [{batch}], got {tuple(r.shape)}")
+            return r
+        if attention_mask is not None:
+            from ..data.prompts import readout_positions
+
+            return readout_positions(attention_mask[:, :T])  # a prefill: past = 0
+        return torch.full((batch,), T - 1, device=device, dtype=torch.long)
 
     def mask(self, positions: tuple[str, ...]) -> torch.Tensor:
         m = self._masks.get(positions)
@@ -89,9 +110,12 @@ def _past_length(kwargs) -> int:
     if cache is None:
         return 0
     try:
-        return int(cache.get_seq_length())
+        n = cache.get_seq_length()
     except Exception:  # legacy tuple caches
         return int(cache[0][0].shape[-2])
+    if isinstance(n, torch.Tensor):  # static caches keep the length on the device
+        return n if torch.compiler.is_compiling() else int(n)
+    return int(n)
 
 
 class PatchHandle(ContextDecorator):
@@ -249,6 +273,8 @@ class PatchHandle(ContextDecorator):
             return
         key = iv.name or f"{iv.site}.{iv.op}"
         if iv.positions == ("readout",):
+            if st.prefill is None:
+                raise RuntimeError(_TRACED_READOUT)
             if not st.prefill:
                 return  # t* lies in the prefill chunk; decode steps hold no readout row
             if iv.op == "project":

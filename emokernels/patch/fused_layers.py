@@ -216,6 +216,10 @@ def _run_point(pt: _Point | None, be: str, req: str, res, delta, gamma, eps):
             table = rows = s = mask = None
             rms = False
         dirs = ro = None
+        if pt.projs and st.prefill is None:
+            from .engine import _TRACED_READOUT
+
+            raise RuntimeError(_TRACED_READOUT)
         if pt.projs and st.prefill:
             dirs = pt.dir0 if pt.dirs is None else pt.dirs.get()
             ro = st.readout

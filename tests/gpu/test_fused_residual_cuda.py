@@ -150,11 +150,12 @@ def test_grad_native_forward_matches_autograd_of_reference(backend):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_torch_compile_fullgraph_cuda():
+@pytest.mark.parametrize("backend", [None, "cuda", "triton"])
+def test_torch_compile_fullgraph_cuda(backend):
     res, delta, kw = _inputs(2, 3, 256, torch.bfloat16, CONFIGS["steer_norm_proj"])
 
     def f(res, delta):
-        m, n, P = fused_add_rmsnorm(res, delta, **kw)
+        m, n, P = fused_add_rmsnorm(res, delta, **kw, backend=backend)
         return m.float().sum() + n.float().sum() + P.sum()
 
     cf = torch.compile(f, fullgraph=True)

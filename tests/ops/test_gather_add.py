@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import op_backends
+from tests.helpers import compile_matches_eager, op_backends, uses_custom_op
 
 import importlib
 
@@ -182,23 +182,16 @@ def test_grad_native_forward_matches_autograd_of_reference(backend):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("backend", [None, "reference", "cpu"])
+def test_torch_compile_fullgraph(backend):
+    # auto/reference trace the pure-torch reference (inductor fuses it); a named native backend stays one custom op
     h, table, row_idx, strength, pos_mask = _inputs(2, 3, 32, torch.float32)
 
     def f(h, table, strength):
-        y = gather_add(h * 1.5, table, row_idx, strength, pos_mask, rms_scale=True)
+        y = gather_add(h * 1.5, table, row_idx, strength, pos_mask, rms_scale=True, backend=backend)
         return (y * y).sum()
 
-    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
-    leaves = [t.clone().requires_grad_() for t in (h, table, strength)]
-    ref_leaves = [t.clone().requires_grad_() for t in (h, table, strength)]
-    out = cf(*leaves)
-    out.backward()
-    ref = f(*ref_leaves)
-    ref.backward()
-    torch.testing.assert_close(out, ref)
-    for a, b in zip(leaves, ref_leaves):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+    assert uses_custom_op(compile_matches_eager(f, [h, table, strength])) == (backend == "cpu")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
