@@ -44,18 +44,54 @@ def tensor_bytes(obj) -> int:
     return 0
 
 
+# Shapes (layers L, width d, MLP width d_ff) for the per-model table; SmolLM2 is also measured.
+SHAPES = {"smollm2-135m": (30, 576, 1536), "qwen2.5-coder-0.5b": (24, 896, 4864),
+          "qwen2.5-coder-1.5b": (28, 1536, 8960), "llama-3.2-3b (the paper's)": (28, 3072, 8192)}
+N_VALENCES, N_THEMES, K = 3, 8, 6
+
+
+def held_bytes(L: int, d: int, d_ff: int, n: int = TRAIN_PROMPTS) -> dict:
+    """What each way of capturing holds for ``n`` prompts (bytes), from the model's shape.
+
+    * paper: fp16 dumps of both residual points (stage 02) and of z, a (stage 05) per prompt:
+      n · L · (2d + d + d_ff) · 2
+    * residual states only (the directions stage), fp16: n · 2L · d · 2
+    * projections onto the K = 6 directions, fp32: n · 2L · K · 4
+    * emokernels' streaming accumulators, fixed in n: the centred sums [2, L, 6, d] fp64 for the
+      run and for each valence and theme (consistency checks), plus the neuron sums
+      4 · [L, 6, d_ff] fp64 (heads: [L, 6, H], negligible)
+    """
+    acc_dirs = (1 + N_VALENCES + N_THEMES) * 2 * L * K * d * 8
+    acc_neurons = 4 * L * K * d_ff * 8
+    return dict(paper=n * L * (3 * d + d_ff) * 2, states=n * 2 * L * d * 2, projections=n * 2 * L * K * 4,
+                accumulators=acc_dirs + acc_neurons, acc_dirs=acc_dirs, acc_neurons=acc_neurons)
+
+
 def capture_memory(model, tok, n_prompts: int) -> dict:
+    """Measured on ``n_prompts`` train prompts: bytes of the kept fp16 states, of the directions
+    accumulator, and of readout projections captured by the fused ``project`` op."""
+    from emokernels import Intervention, patch
+    from emokernels.discover.capture import _render_batch
+
     sk = load_split("train", limit=max(1, n_prompts // 18))
     units = prompt_units(sk)[:n_prompts]
     res = capture(model, tok, units, keep_states=True, states_dtype=torch.float16, progress=False)
     acc_state, _ = res.accumulator.state_dict()
-    kept = tensor_bytes(res.states)  # what a store-everything pipeline holds (fp16, like the paper)
-    streaming = tensor_bytes(acc_state)
-    per_prompt = kept / len(units)
     a = Adapter.of(model)
-    proj = TRAIN_PROMPTS * 2 * a.num_layers * 6 * 4  # projections onto 6 directions, fp32
-    return dict(n=len(units), kept_bytes=kept, streaming_bytes=streaming,
-                full_split_kept=per_prompt * TRAIN_PROMPTS, full_split_streaming=streaming, projections=proj)
+    g = torch.Generator().manual_seed(0)
+    dirs = {l: torch.nn.functional.normalize(torch.randn(K, a.hidden_size, generator=g), dim=-1)
+            for l in range(a.num_layers)}
+    ivs = [Intervention(site=site, op="project", layers=range(a.num_layers), positions="readout", directions=dirs,
+                        name=site) for site in ("resid_mid", "resid_post")]
+    from emokernels.data.prompts import PromptConfig
+
+    with torch.no_grad(), patch(model, *ivs, backend="fused") as h:
+        for i in range(0, len(units), 16):
+            batch = _render_batch(tok, units[i:i + 16], PromptConfig(), "prompt")
+            model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    proj_bytes = tensor_bytes({k: dict(v) for k, v in h.captures.items()})
+    return dict(n=len(units), states=tensor_bytes(res.states), acc_measured=tensor_bytes(acc_state),
+                acc_tensors=len(acc_state), projections=proj_bytes)
 
 
 def heterogeneous(model, tok, batch: int, rounds: int) -> dict:
@@ -88,31 +124,53 @@ def heterogeneous(model, tok, batch: int, rounds: int) -> dict:
                 speedup=statistics.median([b / a for a, b in zip(one, split)]))
 
 
+def memory_lines(model_name: str, model, mem: dict) -> list[str]:
+    mb = 1 / 2 ** 20
+    a = Adapter.of(model)
+    n = mem["n"]
+    f = held_bytes(a.num_layers, a.hidden_size, a.intermediate_size, n)
+    lines = [f"## Capture memory: measured on {model_name}, {n} train prompts (readout token, both residual points)", "",
+             "| what is held | measured | formula (see held_bytes) |", "|---|---|---|",
+             f"| residual states, fp16 (directions stage, store-then-estimate) | {mem['states'] * mb:.3f} MiB | "
+             f"{f['states'] * mb:.3f} MiB |",
+             f"| projections onto 6 directions, fp32 (fused `project`) | {mem['projections'] * mb:.4f} MiB | "
+             f"{f['projections'] * mb:.4f} MiB |",
+             f"| directions accumulator, fp64 ({mem['acc_tensors']} tensors: run + the valences/themes seen so far) | "
+             f"{mem['acc_measured'] * mb:.2f} MiB | {f['acc_dirs'] * mb:.2f} MiB once all 3 valences and 8 themes are seen |",
+             "", "## Held for the whole train split (2880 prompts), by model shape", "",
+             "Computed from the formulas above (SmolLM2's measured row checks them). *paper* = the fp16 dumps of "
+             "stages 02 and 05 (both residual points, z and a: L·(3d + d_ff) values per prompt); *accumulators* = "
+             "everything emokernels' discovery keeps (directions incl. per-valence/per-theme sums, neuron sums), "
+             "independent of the number of prompts.", "",
+             "| model (L, d, d_ff) | paper dumps | residual states fp16 | projections fp32 | accumulators fp64 | "
+             "states / projections | paper / accumulators |", "|---|---|---|---|---|---|---|"]
+    for name, (L, d, dff) in SHAPES.items():
+        h = held_bytes(L, d, dff)
+        lines.append(f"| {name} ({L}, {d}, {dff}) | {h['paper'] * mb:.0f} MiB | {h['states'] * mb:.0f} MiB | "
+                     f"{h['projections'] * mb:.1f} MiB | {h['accumulators'] * mb:.1f} MiB | "
+                     f"{h['states'] / h['projections']:.0f}x | {h['paper'] / h['accumulators']:.1f}x |")
+    lines += ["", "States / projections = d / 6 × (2 bytes / 4 bytes): bounded by the width, so it passes 100x only "
+              "from d ≥ 1200 (Qwen 1.5B and up). The accumulators are fixed in N: the ratio grows with the data set."]
+    return lines
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--prompts", type=int, default=48)
     p.add_argument("--batch", type=int, default=12)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--no-hetero", action="store_true", help="skip the heterogeneous-batch timing")
     a = p.parse_args(argv)
     model, tok = load(a.model, dtype=torch.bfloat16)
     mem = capture_memory(model, tok, a.prompts)
-    het = heterogeneous(model, tok, a.batch, a.rounds)
-    mb = 1 / 2 ** 20
     lines = [f"# Discovery memory and heterogeneous batches — {a.model}, CPU {os.cpu_count()} cores, "
-             f"{_dt.date.today().isoformat()}", "",
-             f"Capture of {mem['n']} train prompts (both points, all layers, readout token):", "",
-             "| what is held | measured for N prompts | full train split (2880 prompts) |", "|---|---|---|",
-             f"| every readout state, fp16 (store-then-estimate, the paper) | {mem['kept_bytes'] * mb:.2f} MiB | "
-             f"{mem['full_split_kept'] * mb:.1f} MiB (linear in N) |",
-             f"| emokernels streaming accumulators (fp64 sums per emotion, valence, theme) | {mem['streaming_bytes'] * mb:.2f} MiB | "
-             f"{mem['full_split_streaming'] * mb:.2f} MiB (independent of N) |",
-             f"| projections onto the 6 directions only (capture_project), fp32 | – | {mem['projections'] * mb:.2f} MiB |", "",
-             f"Ratio at the full split: {mem['full_split_kept'] / mem['full_split_streaming']:.1f}x (accumulators), "
-             f"{mem['full_split_kept'] / mem['projections']:.0f}x (projections).", "",
-             f"Heterogeneous batch ({het['batch']} rows x 96 tokens, six emotions, fused steering, prefill): one batch "
-             f"{het['one_batch_ms']:.1f} ms vs one batch per emotion {het['per_emotion_ms']:.1f} ms "
-             f"(median paired speed-up {het['speedup']:.2f}x)."]
+             f"{_dt.date.today().isoformat()}", ""] + memory_lines(a.model, model, mem)
+    if not a.no_hetero:
+        het = heterogeneous(model, tok, a.batch, a.rounds)
+        lines += ["", f"## Heterogeneous batch", "", f"{het['batch']} rows x 96 tokens, six emotions, fused steering, "
+                  f"prefill: one batch {het['one_batch_ms']:.1f} ms vs one batch per emotion {het['per_emotion_ms']:.1f} ms "
+                  f"(median paired speed-up {het['speedup']:.2f}x)."]
     out = Path(__file__).resolve().parent / "results" / f"discovery-{_dt.date.today().isoformat()}.md"
     out.write_text("\n".join(lines) + "\n")
     print(out.read_text())
