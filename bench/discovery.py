@@ -124,6 +124,58 @@ def heterogeneous(model, tok, batch: int, rounds: int) -> dict:
                 speedup=statistics.median([b / a for a, b in zip(one, split)]))
 
 
+def discovery_cost(model_name: str, n_skeletons: int, emotions: int) -> list[str]:
+    """Head scores and sublayer influence, emokernels vs the paper's procedure, same prompts, fp32.
+
+    Random unit directions stand in for real ones (the cost does not depend on their values).
+    Heads: one pass per batch vs 1 + L·H ablation passes per batch. Influence: the prefix-reusing
+    fast paths (tree, staged) vs one full forward per (emotion, sublayer, α).
+    """
+    from emokernels.data.prompts import chat_messages, render
+    from emokernels.discover.heads import head_scores, head_scores_bruteforce
+    from emokernels.discover.influence import influence_fast, influence_naive, reference_directions
+    from emokernels.discover.neurons import sev_units, unit_batches
+
+    model, tok = load(model_name, dtype=torch.float32)
+    a = Adapter.of(model)
+    g = torch.Generator().manual_seed(0)
+    dirs = torch.nn.functional.normalize(torch.randn(2, a.num_layers, 6, a.hidden_size, generator=g), dim=-1)
+    sk = load_split("train", limit=n_skeletons)
+    units = [u for u in sev_units(sk) if u.valence == "neutral"]
+    lines = [f"## Discovery cost: {model_name}, fp32, CPU {os.cpu_count()} cores", "",
+             "| stage | paper's procedure | emokernels | forward passes | wall time | ratio (wall) | max abs difference |",
+             "|---|---|---|---|---|---|---|"]
+
+    def timed(fn):
+        t = time.perf_counter()
+        out = fn()
+        return out, time.perf_counter() - t
+
+    batches = lambda: unit_batches(tok, units, batch_size=6)  # noqa: E731
+    fast, t_fast = timed(lambda: head_scores(model, batches(), dirs[0], progress=False))
+    brute, t_brute = timed(lambda: head_scores_bruteforce(model, batches(), dirs[0], progress=False))
+    nb = -(-len(units) // 6)
+    diff = (fast.mean - brute.mean).abs().max().item()
+    lines.append(f"| head scores, {len(units)} prompts | zero each head, re-run | one pass | {nb * (1 + a.num_layers * a.num_heads)} "
+                 f"vs {nb} | {t_brute:.1f} s vs {t_fast:.2f} s | **{t_brute / t_fast:.0f}x** | {diff:.1e} |")
+
+    seqs = [torch.tensor(tok(render(tok, chat_messages(s.user_message(v), None)), add_special_tokens=False)["input_ids"])
+            for s in sk for v in ("positive", "neutral", "negative")]
+    sigma = torch.ones(2, a.num_layers)
+    v_ref, u = reference_directions(dirs[:, :, :emotions])
+    naive, t_naive = timed(lambda: influence_naive(model, seqs, u, sigma, v_ref, batch_size=16, progress=False))
+    for layout in ("tree", "staged"):
+        res, t = timed(lambda: influence_fast(model, seqs, u, sigma, v_ref, layout=layout, progress=False))
+        diff = (res.I - naive.I).abs().max().item()
+        lines.append(f"| sublayer influence, {len(seqs)} prompts × {emotions} emotions × {2 * a.num_layers} sublayers × "
+                     f"{len(res.alphas)} α ({layout}) | full forward per injection | prefix once, readout token "
+                     f"{'from its layer on' if layout == 'staged' else 'per copy'} | {naive.stats['token_rows']:.0f} vs "
+                     f"{res.stats['token_rows']:.0f} token rows | {t_naive:.1f} s vs {t:.2f} s | **{t_naive / t:.0f}x** | {diff:.1e} |")
+    lines += ["", "Directions and neuron scores need one forward per prompt in both (the paper dumps states, "
+              "emokernels streams them): no speed-up there, the gain is memory (below)."]
+    return lines
+
+
 def memory_lines(model_name: str, model, mem: dict) -> list[str]:
     mb = 1 / 2 ** 20
     a = Adapter.of(model)
@@ -161,6 +213,9 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=12)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--no-hetero", action="store_true", help="skip the heterogeneous-batch timing")
+    p.add_argument("--cost", action="store_true", help="also time heads and influence against the paper's procedure")
+    p.add_argument("--cost-skeletons", type=int, default=2, help="train skeletons for --cost (3 prompts each)")
+    p.add_argument("--cost-emotions", type=int, default=2, help="emotions for the influence part of --cost")
     a = p.parse_args(argv)
     model, tok = load(a.model, dtype=torch.bfloat16)
     mem = capture_memory(model, tok, a.prompts)
@@ -171,6 +226,8 @@ def main(argv=None):
         lines += ["", f"## Heterogeneous batch", "", f"{het['batch']} rows x 96 tokens, six emotions, fused steering, "
                   f"prefill: one batch {het['one_batch_ms']:.1f} ms vs one batch per emotion {het['per_emotion_ms']:.1f} ms "
                   f"(median paired speed-up {het['speedup']:.2f}x)."]
+    if a.cost:
+        lines += [""] + discovery_cost(a.model, a.cost_skeletons, a.cost_emotions)
     out = Path(__file__).resolve().parent / "results" / f"discovery-{_dt.date.today().isoformat()}.md"
     out.write_text("\n".join(lines) + "\n")
     print(out.read_text())

@@ -30,9 +30,16 @@ Three ways to compute it, all returning an :class:`InfluenceResult`:
     replicated; the cache grows by N keys per chunk and is cropped back after it.
   - ``layout="batch"``: the prefix cache is replicated along the batch (``batch_repeat_interleave``)
     and the copies run as ordinary batched one-token decode steps.
+  - ``layout="staged"`` (``"auto"`` picks it for the Llama-like families): as ``tree``, and a copy
+    also skips the layers below its injection. Below sublayer (p, ℓ) a copy *is* the clean readout
+    token, so one clean pass stores m_ℓ[t*] and h_{ℓ+1}[t*] for every ℓ; copy j then enters at
+    its sublayer as ``clean state + δ_j`` and runs only the rest of the network (the attention
+    half of layer ℓ is skipped for an mlp injection too). The decoder layers are run half by half
+    (input norm, attention, add; post-attention norm, MLP, add), each layer with the rows that
+    have entered by then: ≈ half the token-layer rows of ``tree``.
 
   Cost per prompt: one prefill of T−1 tokens plus N = 1 + E·|P|·L·|α| single-token rows, instead
-  of N full prompts (≈T× fewer token-rows; T ≈ 80 for chat prompts).
+  of N full prompts (≈T× fewer token-rows; T ≈ 80 for chat prompts); ``staged`` halves the rows.
 * :func:`influence_grad` — the α→0 limit, ∂s/∂dose = ⟨∇_{A_ℓ[t*]} s, u⟩ (resp. F_ℓ): one forward
   and one backward per emotion give every sublayer at once (reverse mode beats a per-sublayer
   forward-mode JVP here). The paper notes the response is ≈ linear in α, so this is a cheap
@@ -361,7 +368,7 @@ def influence_naive(model, prompts, u: torch.Tensor, sigma: torch.Tensor, v_ref:
 @torch.no_grad()
 def influence_fast(model, prompts, u: torch.Tensor, sigma: torch.Tensor, v_ref: torch.Tensor,
                    alphas: Sequence[float] = PAPER_ALPHAS, members=None, kinds=KINDS, layers=None,
-                   layout: str = "tree", chunk: int = 512, group_size: int = 8, emotions=None,
+                   layout: str = "auto", chunk: int = 512, group_size: int = 8, emotions=None,
                    progress: bool = True) -> InfluenceResult:
     """Same numbers as :func:`influence_naive` (up to float rounding), with the prefix run once.
 
@@ -382,8 +389,8 @@ def influence_fast(model, prompts, u: torch.Tensor, sigma: torch.Tensor, v_ref: 
     paper does; in bf16 both this and the naive loop are dominated by rounding noise (measured on
     an H200: |I_fast − I_naive| up to 0.19 for |I| ≤ 0.3, against 1e-5 in fp32).
     """
-    if layout not in ("tree", "batch"):
-        raise ValueError(f"layout must be 'tree' or 'batch', got {layout!r}")
+    if layout not in ("auto", "staged", "tree", "batch"):
+        raise ValueError(f"layout must be 'auto', 'staged', 'tree' or 'batch', got {layout!r}")
     if chunk < 1 or group_size < 1:
         raise ValueError("chunk and group_size must be ≥ 1")
     seqs = _prompt_list(prompts)
@@ -403,8 +410,16 @@ def influence_fast(model, prompts, u: torch.Tensor, sigma: torch.Tensor, v_ref: 
         site_of.setdefault((p, l), []).append(j)
     site_of = {k: torch.tensor(v) for k, v in site_of.items()}
 
+    from ..patch.fused_layers import FUSABLE_FAMILIES
+
+    if layout in ("auto", "staged") and plan.adapter.family not in FUSABLE_FAMILIES:
+        if layout == "staged":
+            raise ValueError(f"layout='staged' needs a Llama-like layer (no norm between sublayer and residual): "
+                             f"{plan.adapter.family!r} is not one of {FUSABLE_FAMILIES}; use 'tree' or 'auto'")
+        layout = "tree"
+    layout = "staged" if layout == "auto" else layout
     window = getattr(model.config, "sliding_window", None)
-    if (layout == "tree" and window is not None and getattr(model.config, "use_sliding_window", True) is not False
+    if (layout in ("tree", "staged") and window is not None and getattr(model.config, "use_sliding_window", True) is not False
             and max(len(s) for s in seqs) > window):
         layout = "batch"  # a custom 4-D mask would bypass the sliding-window mask; replicated rows keep it
     groups: dict[int, list[int]] = {}
@@ -427,6 +442,12 @@ def influence_fast(model, prompts, u: torch.Tensor, sigma: torch.Tensor, v_ref: 
             calls, rows = calls + 1, rows + G * T0
             bar.update()
             last = ids[:, T0:]
+            if layout == "staged":
+                r, base = _staged_group(plan, backbone, cache, last, T0, all_deltas, copy_e, memb, s_inj, chunk)
+                s_base += (base * memb).sum(0)
+                calls, rows = calls + r[0], rows + r[1]
+                bar.update(1 + n_chunks)
+                continue
             for c0 in range(0, N, chunk):
                 c1 = min(N, c0 + chunk)
                 n = c1 - c0
@@ -479,6 +500,108 @@ def influence_fast(model, prompts, u: torch.Tensor, sigma: torch.Tensor, v_ref: 
     stats = dict(forward_calls=calls, token_rows=rows, prompt_tokens=sum(len(s) for s in seqs), n_prompts=len(seqs),
                  injections=len(plan.inj), layout=layout, wall_s=time.perf_counter() - t0)
     return plan.result(s_base, s_inj, f"fast-{layout}", stats)
+
+
+def _attn_kwargs(cache_kw: str, cache, mask, pos, pos_emb) -> dict:
+    """Keywords of a direct ``self_attn`` call (as the decoder layer passes them)."""
+    return dict(attention_mask=mask, position_ids=pos, position_embeddings=pos_emb, use_cache=True,
+                **{cache_kw: cache})
+
+
+def _tree_mask(G: int, n: int, T0: int, dtype, dev) -> torch.Tensor:
+    """[G, 1, n, T0 + n] additive mask: every copy sees the prefix and itself only."""
+    mask = torch.zeros(G, 1, n, T0 + n, dtype=dtype, device=dev)
+    blocked = torch.full((n, n), torch.finfo(dtype).min, dtype=dtype, device=dev)
+    mask[:, :, :, T0:] = blocked.fill_diagonal_(0)
+    return mask
+
+
+def _run_staged(plan, backbone, cache, T0: int, G: int, entries, clean_m, clean_h, deltas):
+    """Run copies that enter at their sublayers; returns (ĥ of every copy [G, n, d] in entry order,
+    token-layer rows).
+
+    ``entries[(p, ℓ)]``: local copy indices entering at sublayer (p, ℓ), in order; ``deltas`` [n, d]
+    (local); ``clean_m``, ``clean_h`` [G, L, d]: the clean readout token's m_ℓ and h_{ℓ+1}.
+    Each layer appends its rows' keys to the cache; they are cropped before returning.
+    """
+    a = plan.adapter
+    dev, dt, kw = plan.device, plan.dtype, a.cache_kwarg
+    order: list[int] = []
+    X = None  # [G, n_active, d], states at the current layer's input
+    appended = []
+    pos_all = torch.full((G, sum(len(v) for v in entries.values())), T0, device=dev)
+    cos, sin = backbone.rotary_emb(clean_m.to(dt), pos_all)  # every copy sits at t*
+    layer_rows = 0
+    first = min(l for (_, l) in entries)
+    for l in range(first, a.num_layers):
+        layer = a.layers[l]
+        if X is not None:
+            n = X.shape[1]
+            x = layer.input_layernorm(X)
+            A = layer.self_attn(hidden_states=x, **_attn_kwargs(kw, cache, _tree_mask(G, n, T0, dt, dev), pos_all[:, :n],
+                                                                 (cos[:, :n], sin[:, :n])))[0]
+            appended.append((l, n))
+            M = X + A
+            layer_rows += n
+        else:
+            M = None
+        new = entries.get((0, l))
+        if new:
+            add = clean_m[:, l, None, :] + deltas[new][None]  # [G, k, d], fp32
+            M = add.to(dt) if M is None else torch.cat([M, add.to(dt)], 1)
+            order += new
+        if M is not None:
+            X = M + layer.mlp(layer.post_attention_layernorm(M))
+        new = entries.get((1, l))
+        if new:
+            add = (clean_h[:, l, None, :] + deltas[new][None]).to(dt)
+            X = add if X is None else torch.cat([X, add], 1)
+            order += new
+    for l, n in appended:
+        cache.layers[l].crop(-n)
+    h = backbone.norm(X)
+    out = torch.empty_like(h)
+    out[:, torch.tensor(order, device=dev)] = h
+    return out, layer_rows
+
+
+def _staged_group(plan, backbone, cache, last, T0, all_deltas, copy_e, memb, s_inj, chunk):
+    """One group of equal-length prompts (prefix already in ``cache``): the clean pass, then the
+    injected copies in chunks. Adds into ``s_inj``; returns ((calls, rows), base scores [G, E])."""
+    a = plan.adapter
+    G, dev, kw = last.shape[0], plan.device, a.cache_kwarg
+    # clean pass, layer by layer, keeping m_ℓ and h_{ℓ+1} of the readout token
+    pos = torch.full((G, 1), T0, device=dev)
+    X = backbone.embed_tokens(last)
+    cos, sin = backbone.rotary_emb(X, pos)
+    mask = torch.zeros(G, 1, 1, T0 + 1, dtype=plan.dtype, device=dev)
+    clean_m = torch.empty(G, a.num_layers, plan.d, dtype=torch.float32, device=dev)
+    clean_h = torch.empty_like(clean_m)
+    for l, layer in enumerate(a.layers):
+        A = layer.self_attn(hidden_states=layer.input_layernorm(X),
+                            **_attn_kwargs(kw, cache, mask, pos, (cos, sin)))[0]
+        M = X + A
+        X = M + layer.mlp(layer.post_attention_layernorm(M))
+        clean_m[:, l], clean_h[:, l] = M[:, 0].float(), X[:, 0].float()
+    cache.crop(-1)
+    base = (backbone.norm(X)[:, 0].float() @ plan.v_ref.T).double().cpu()  # [G, E]
+    calls, rows = 1, G
+    N = all_deltas.shape[0]  # injected copies (copy 0, the baseline, is the clean pass)
+    for c0 in range(0, N, chunk):
+        c1 = min(N, c0 + chunk)
+        entries: dict = {}
+        for j in range(c0, c1):
+            e, p, l, ai = plan.inj[j]
+            entries.setdefault((p, l), []).append(j - c0)
+        h, layer_rows = _run_staged(plan, backbone, cache, T0, G, entries, clean_m, clean_h, all_deltas[c0:c1].float())
+        e_j = copy_e[1 + c0:1 + c1]
+        sc = (h.float() * plan.v_ref[e_j][None]).sum(-1).double().cpu()  # [G, k]
+        contrib = (sc * memb[:, e_j.cpu()]).sum(0)
+        for k, j in enumerate(range(c0, c1)):
+            e, p, l, ai = plan.inj[j]
+            s_inj[e, p, l, ai] += contrib[k]
+        calls, rows = calls + 1, rows + G * layer_rows / a.num_layers
+    return (calls, rows), base
 
 
 # ---------------------------------------------------------------------------------------------

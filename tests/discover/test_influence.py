@@ -54,7 +54,7 @@ def test_reference_direction_is_unit_and_sign_aligned():
     torch.testing.assert_close(v_ref, ref / ref.norm(dim=-1, keepdim=True))
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "phi3"])
 def test_fast_equals_naive(family):
     model, tok = tiny(family)
     seqs = _prompts(tok)
@@ -64,16 +64,30 @@ def test_fast_equals_naive(family):
     alphas = (0.1, 0.7)
     naive = influence_naive(model, _padded(seqs, "left"), u, sigma, v_ref, alphas=alphas, members=members,
                             batch_size=4, progress=False)
-    for layout, chunk in (("tree", 11), ("batch", 16)):
+    rows = {}
+    for layout, chunk in (("tree", 11), ("batch", 16), ("staged", 7), ("auto", 512)):
         fast = influence_fast(model, _padded(seqs, "right"), u, sigma, v_ref, alphas=alphas, members=members,
                               layout=layout, chunk=chunk, progress=False)
         torch.testing.assert_close(fast.s_base, naive.s_base, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(fast.s_inj, naive.s_inj, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(fast.I, naive.I, rtol=1e-4, atol=1e-3)
         assert fast.stats["token_rows"] * 5 < naive.stats["token_rows"]
+        rows[fast.stats["layout"]] = fast.stats["token_rows"]
+    assert set(rows) == {"tree", "batch", "staged"}  # auto = staged for the Llama-like families
+    assert rows["staged"] < 0.75 * rows["tree"]  # the layers below each injection are skipped
     assert naive.Ibar.shape == (2, 2, 4) and torch.isfinite(naive.Ibar).all()
     assert naive.I.abs().max() > 1e-2  # the injections do move the score
     assert naive.stats["forward_calls"] == 1 + 2 * 2 * 4 * 2
+
+
+def test_staged_layout_needs_a_llama_like_layer():
+    model, tok = tiny("gemma2")
+    dirs, sigma = _setup(model, E=1)
+    v_ref, u = reference_directions(dirs)
+    seqs = _prompts(tok)[:1]
+    with pytest.raises(ValueError, match="Llama-like"):
+        influence_fast(model, seqs, u, sigma, v_ref, layout="staged", alphas=(0.5,), progress=False)
+    assert influence_fast(model, seqs, u, sigma, v_ref, alphas=(0.5,), progress=False).stats["layout"] == "tree"
 
 
 def test_fast_subset_of_layers_and_kinds_and_list_input():
@@ -109,7 +123,7 @@ def test_sublayer_influence_wrapper_and_roundtrip(tmp_path):
     res.save(tmp_path / "inf")
     back = InfluenceResult.load(tmp_path / "inf")
     torch.testing.assert_close(back.I, res.I)
-    assert back.alphas == (0.5,) and back.emotions == ("anger", "fear") and back.method == "fast-tree"
+    assert back.alphas == (0.5,) and back.emotions == ("anger", "fear") and back.method == "fast-staged"
     torch.testing.assert_close(back.probability.nansum(dim=(1, 2)), torch.ones(2))
 
 
