@@ -44,7 +44,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backends import DTYPE_CODE, contiguous, cuda_stream_ptr, f32_contiguous, native_fn, opt_ptr, resolve_backend, trace_reference
+from .backends import (DTYPE_CODE, contiguous, cuda_stream_ptr, f32_contiguous, native_fn, opt_ptr, resolve_backend,
+                       trace_reference)
 
 try:  # Triton is optional (CPU-only installs)
     import triton

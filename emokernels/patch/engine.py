@@ -14,6 +14,11 @@ else from the attention mask (last real token: right for left and right padding)
 (KV-cached decode) continue at absolute index ``past + arange(T)``. Position masks [B, T] are
 built from tensors only (no host sync).
 
+``torch.compile``: prefill eagerly under the patch, then compile the decode step with a static
+cache (what transformers' ``generate`` does). A static cache keeps its length on the device; the
+engine then keeps it a tensor (``abs_pos = past + arange(T)``, t* from the eager prefill), so the
+patched step compiles with ``fullgraph=True`` and without a host sync that would cost CUDA graphs.
+
 Exit restores the model exactly: hooks are removed and no parameter is ever written, so
 outputs are bitwise identical to before, also when the block raised.
 """
