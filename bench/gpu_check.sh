@@ -30,11 +30,11 @@ log="$OUTDIR/gpu_check.log"
 section() {
   local name=$1 limit=$2; shift 2
   local left=$(( BUDGET - ($(date +%s) - START) ))
-  if [ "$left" -lt 30 ]; then echo "== $name: skipped (budget spent)"; return; fi
+  if [ "$left" -lt 30 ]; then echo "== $name: skipped (budget spent)" >&2; return; fi
   [ "$limit" -gt "$left" ] && limit=$left
-  echo "== $name (limit ${limit}s, t=$(( $(date +%s) - START ))s)"
+  echo "== $name (limit ${limit}s, t=$(( $(date +%s) - START ))s)" >&2  # stderr: not cut by a tail
   timeout "$limit" "$@"
-  echo "-- $name: exit $?"
+  echo "-- $name: exit $?" >&2
 }
 
 {
@@ -54,11 +54,11 @@ PY
 section tests 200 python3 -m pytest -q -p no:cacheprovider tests/gpu --junitxml="$OUTDIR/gpu_tests.xml" 2>&1 | tail -25
 
 section 3b 300 python3 bench/latency.py --models "$MODEL_3B" --shapes 1x128,8x128,64x128,1x1024,8x1024 \
-  --rounds 6 --warmup 2 --compile reduce-overhead --compile-shapes 1x128 --suffix=-llama-3.2-3b 2>&1 | tail -70
+  --rounds 6 --warmup 2 --compile reduce-overhead --compile-shapes 1x128 --suffix=-llama-3.2-3b 2>&1 | grep -v Warning | tail -90
 
 section 8b 150 python3 bench/latency.py --models "$MODEL_8B" --shapes 1x128,64x128 --rounds 5 --warmup 2 \
   --conditions hooks_steer,emk_fused_steer,hooks_circuit,emk_fused_circuit,emk_fused_bias,folded_bias \
-  --suffix=-llama-3-8b 2>&1 | tail -30
+  --suffix=-llama-3-8b 2>&1 | grep -v Warning | tail -30
 echo "== total $(( $(date +%s) - START ))s"
 } 2>&1 | tee "$log"
 [ "$OUTDIR" != bench/results ] && cp bench/results/NVIDIA* "$OUTDIR"/ 2>/dev/null; true

@@ -351,7 +351,8 @@ NOTES: list[str] = []
 
 
 def run(model, name: str, shapes, rounds: int, warmup: int, dev, keep=None, compile_mode: str | None = None,
-        compile_conditions=(), compile_shapes=None, compile_backend: str = "inductor") -> list[dict]:
+        compile_conditions=(), compile_shapes=None, compile_backend: str = "inductor", on_shape=None) -> list[dict]:
+    """Time every shape; ``on_shape(rows)`` after each (the results so far survive a time limit)."""
     global CACHE_KW
     CACHE_KW = Adapter.of(model).cache_kwarg
     model.requires_grad_(False)  # inference; pyvene freezes the weights itself, which would fail compiled guards
@@ -417,6 +418,8 @@ def run(model, name: str, shapes, rounds: int, warmup: int, dev, keep=None, comp
                     row["ratio_vs_best"] = f"{statistics.median([m / b for m, b in zip(mine, best)]):.3f}"
                 rows_out.append(row)
         print(f"{name} B={B} T={T}: done", flush=True)
+        if on_shape is not None:
+            on_shape(rows_out)
     return rows_out
 
 
@@ -432,10 +435,11 @@ def machine_info(dev) -> dict:
 
 def write_results(rows: list[dict], info: dict, tag: str) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"{tag}-{info['date']}"
+    stem = f"{tag}-{info['date']}"  # not Path.with_suffix: tags like llama-3.2-3b hold dots
+    csv_path, md_path = RESULTS / f"{stem}.csv", RESULTS / f"{stem}.md"
     import csv
 
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+    with open(csv_path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]) + list(info))
         w.writeheader()
         for r in rows:
@@ -451,8 +455,8 @@ def write_results(rows: list[dict], info: dict, tag: str) -> Path:
                      f"{r['median_ms']:.2f} | {r['ratio']:.3f} | {r['added_ms']:+.3f} | {r['ratio_vs_best'] or '–'} |")
     if NOTES:
         lines += [""] + [f"- {n}" for n in NOTES]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    return stem.with_suffix(".md")
+    md_path.write_text("\n".join(lines) + "\n")
+    return md_path
 
 
 def gpu_model(shape: str):
@@ -491,22 +495,26 @@ def main(argv=None):
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
     shapes = [tuple(int(x) for x in s.split("x")) for s in a.shapes.split(",")]
     rows, dev = [], torch.device("cpu")
+    if any(n.startswith("gpu:") for n in a.models.split(",")):
+        dev = torch.device("cuda")
+    info = machine_info(dev)
+    tag = (a.tag or ("cpu" if dev.type == "cpu" else info["card"].replace(" ", "-"))) + a.suffix
+    cshapes = None if a.compile_shapes is None else [tuple(int(x) for x in v.split("x")) for v in a.compile_shapes.split(",")]
+    keep = None if a.conditions is None else set(a.conditions.split(",")) | {"unpatched"}
     for name in a.models.split(","):
         if name.startswith("gpu:"):
-            dev = torch.device("cuda")
             model = gpu_model(name[4:])
         else:
             model, _ = load(name, dtype=dtype)
-        cshapes = None if a.compile_shapes is None else [tuple(int(x) for x in v.split("x")) for v in a.compile_shapes.split(",")]
-        keep = None if a.conditions is None else set(a.conditions.split(",")) | {"unpatched"}
+        done = list(rows)
         rows += run(model, name, shapes, a.rounds, a.warmup, dev, keep=keep, compile_mode=a.compile,
                     compile_conditions=[c for c in a.compile_conditions.split(",") if c], compile_shapes=cshapes,
-                    compile_backend=a.compile_backend)
+                    compile_backend=a.compile_backend, on_shape=lambda r: write_results(done + r, info, tag))
         del model
-    info = machine_info(dev)
-    tag = (a.tag or ("cpu" if dev.type == "cpu" else info["card"].replace(" ", "-"))) + a.suffix
     path = write_results(rows, info, tag)
-    print(path.read_text())
+    text = path.read_text().splitlines()  # the decode rows and notes; the whole table is in the file
+    print("\n".join(l for l in text if "| decode |" in l or not l.startswith("| ") or l.startswith("| model")))
+    print(f"full table: {path}")
 
 
 if __name__ == "__main__":
