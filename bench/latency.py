@@ -187,12 +187,12 @@ def _time_prefill(fwd, ids, dev) -> float:
     return time.perf_counter() - t
 
 
-def _time_decode(fwd, ids, dev, steps: int = 4) -> float:
-    """Mean time of one KV-cached decode step after a prefill of ``ids`` (prefill not timed)."""
+def _time_decode(fwd, ids, dev, key: str, steps: int = 4) -> float:
+    """Mean time of one KV-cached decode step after a prefill of ``ids`` (prefill not timed);
+    ``key``: the cache keyword of this transformers version (``Adapter.cache_kwarg``)."""
     from transformers import DynamicCache
 
     cache = DynamicCache()
-    key = CACHE_KW
     fwd(input_ids=ids, use_cache=True, **{key: cache})
     nxt = ids[:, -1:]
     _sync(dev)
@@ -201,9 +201,6 @@ def _time_decode(fwd, ids, dev, steps: int = 4) -> float:
         fwd(input_ids=nxt, use_cache=True, **{key: cache})
     _sync(dev)
     return (time.perf_counter() - t) / steps
-
-
-CACHE_KW = "past_key_values"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,8 +350,7 @@ NOTES: list[str] = []
 def run(model, name: str, shapes, rounds: int, warmup: int, dev, keep=None, compile_mode: str | None = None,
         compile_conditions=(), compile_shapes=None, compile_backend: str = "inductor", on_shape=None) -> list[dict]:
     """Time every shape; ``on_shape(rows)`` after each (the results so far survive a time limit)."""
-    global CACHE_KW
-    CACHE_KW = Adapter.of(model).cache_kwarg
+    key = Adapter.of(model).cache_kwarg
     model.requires_grad_(False)  # inference; pyvene freezes the weights itself, which would fail compiled guards
     wl = Workload(model)
     rows_out = []
@@ -384,7 +380,7 @@ def run(model, name: str, shapes, rounds: int, warmup: int, dev, keep=None, comp
                     with f() as fwd:
                         for _ in range(warmup):
                             _time_prefill(fwd, ids, dev)
-                            _time_decode(fwd, ids, dev, steps=1)
+                            _time_decode(fwd, ids, dev, key, steps=1)
                 except Exception as e:  # noqa: BLE001 - a third-party tool that fails is reported, not fatal
                     NOTES.append(f"{c}: failed at B={B} T={T} ({type(e).__name__}: {str(e)[:100]})")
                     del conds[c], times[c]
@@ -392,7 +388,7 @@ def run(model, name: str, shapes, rounds: int, warmup: int, dev, keep=None, comp
                 for c in (list(conds) if r % 2 == 0 else list(reversed(conds))):
                     with conds[c]() as fwd:
                         times[c]["prefill"].append(_time_prefill(fwd, ids, dev))
-                        times[c]["decode"].append(_time_decode(fwd, ids, dev))
+                        times[c]["decode"].append(_time_decode(fwd, ids, dev, key))
             # compiled steps in rounds of their own: interleaved with eager runs (patch installs,
             # third-party objects) they picked up ±5 % noise on the CPU
             for r in range(rounds if compiled else 0):

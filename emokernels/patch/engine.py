@@ -108,7 +108,7 @@ class PatchState:
         return m
 
 
-def _past_length(kwargs) -> int:
+def _past_length(kwargs) -> "int | torch.Tensor":
     cache = kwargs.get("cache", None)
     if cache is None:
         cache = kwargs.get("past_key_values", None)

@@ -43,6 +43,7 @@ def _decode(model, ids, compiled: bool):
         for s in range(STEPS):
             pos = torch.full((B, 1), T + s, device=DEV)
             nxt = ids[:, s:s + 1]  # fixed tokens: low-precision argmax may differ between the two
+            torch.compiler.cudagraph_mark_step_begin()  # a new decode step (outputs are cloned below)
             out.append(step(input_ids=nxt, use_cache=True, **{kw: cache}, position_ids=pos).logits[:, -1].float().clone())
     return torch.stack(out)
 
