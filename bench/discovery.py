@@ -176,6 +176,66 @@ def discovery_cost(model_name: str, n_skeletons: int, emotions: int) -> list[str
     return lines
 
 
+def peak_child(model_name: str, what: str, n_prompts: int) -> None:
+    """Run one capture of the first ``n_prompts`` train prompts and print the peak RSS (KiB).
+
+    ``what``: ``states`` (keep every readout state, fp16: store-then-estimate), ``projections``
+    (the fused ``project`` op, fp32 [B, 6] per layer and point), ``accumulators`` (emokernels'
+    streaming capture), or ``forward`` (the same forward passes keeping nothing: the baseline).
+    """
+    import gc
+
+    from emokernels import Intervention, patch
+    from emokernels.data.prompts import PromptConfig
+    from emokernels.discover.capture import _render_batch
+
+    model, tok = load(model_name, dtype=torch.bfloat16)
+    units = prompt_units(load_split("train"))[:n_prompts]
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to now: loading is not the capture
+    if what in ("states", "accumulators"):
+        res = capture(model, tok, units, keep_states=what == "states", states_dtype=torch.float16,
+                      accumulate=what == "accumulators", progress=False)
+        held = tensor_bytes(res.states) + (tensor_bytes(res.accumulator.state_dict()[0]) if res.accumulator else 0)
+    else:
+        a = Adapter.of(model)
+        g = torch.Generator().manual_seed(0)
+        dirs = {l: torch.nn.functional.normalize(torch.randn(K, a.hidden_size, generator=g), dim=-1)
+                for l in range(a.num_layers)}
+        ivs = [Intervention(site=site, op="project", layers=range(a.num_layers), positions="readout",
+                            directions=dirs, name=site) for site in ("resid_mid", "resid_post")]
+        with torch.no_grad(), patch(model, *(ivs if what == "projections" else []), backend="fused") as h:
+            for i in range(0, len(units), 16):
+                batch = _render_batch(tok, units[i:i + 16], PromptConfig(), "prompt")
+                model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        held = tensor_bytes({k: dict(v) for k, v in h.captures.items()})
+    status = dict(l.split(":", 1) for l in Path("/proc/self/status").read_text().splitlines() if ":" in l)
+    print(f"PEAK {what} {int(status['VmHWM'].split()[0])} {held}", flush=True)
+
+
+def peak_memory(model_name: str, n_prompts: int) -> list[str]:
+    """Peak resident memory of each capture, each in a fresh process, minus the forward-only run."""
+    import subprocess
+
+    out = {}
+    for what in ("forward", "projections", "accumulators", "states"):
+        r = subprocess.run([sys.executable, __file__, "--model", model_name, "--peak-child", what,
+                            "--peak-prompts", str(n_prompts)], capture_output=True, text=True, check=True)
+        line = next(l for l in r.stdout.splitlines() if l.startswith("PEAK "))
+        _, _, kib, held = line.split()
+        out[what] = (int(kib) * 1024, int(held))
+        print(line, flush=True)
+    mb = 1 / 2 ** 20
+    base = out["forward"][0]
+    lines = [f"## Peak memory of a capture of {n_prompts} train prompts ({model_name}, measured)", "",
+             "Each capture in a fresh process; the peak resident memory (VmHWM, reset after the model is loaded) "
+             "minus that of the same forward passes keeping nothing.", "", "| capture | peak RSS | added peak | tensors held at the end |", "|---|---|---|---|"]
+    for what in ("forward", "projections", "accumulators", "states"):
+        peak, held = out[what]
+        lines.append(f"| {what} | {peak * mb:.0f} MiB | {(peak - base) * mb:+.1f} MiB | {held * mb:.2f} MiB |")
+    return lines
+
+
 def memory_lines(model_name: str, model, mem: dict) -> list[str]:
     mb = 1 / 2 ** 20
     a = Adapter.of(model)
@@ -222,7 +282,12 @@ def main(argv=None):
     p.add_argument("--cost", action="store_true", help="also time heads and influence against the paper's procedure")
     p.add_argument("--cost-skeletons", type=int, default=2, help="train skeletons for --cost (3 prompts each)")
     p.add_argument("--cost-emotions", type=int, default=2, help="emotions for the influence part of --cost")
+    p.add_argument("--peak", action="store_true", help="also measure the peak memory of each capture (subprocesses)")
+    p.add_argument("--peak-prompts", type=int, default=TRAIN_PROMPTS, help="prompts for --peak (default: the train split)")
+    p.add_argument("--peak-child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.peak_child:
+        return peak_child(a.model, a.peak_child, a.peak_prompts)
     model, tok = load(a.model, dtype=torch.bfloat16)
     mem = capture_memory(model, tok, a.prompts)
     lines = [f"# Discovery memory and heterogeneous batches — {a.model}, CPU {os.cpu_count()} cores, "
@@ -232,6 +297,8 @@ def main(argv=None):
         lines += ["", f"## Heterogeneous batch", "", f"{het['batch']} rows x 96 tokens, six emotions, fused steering, "
                   f"prefill: one batch {het['one_batch_ms']:.1f} ms vs one batch per emotion {het['per_emotion_ms']:.1f} ms "
                   f"(median paired speed-up {het['speedup']:.2f}x)."]
+    if a.peak:
+        lines += [""] + peak_memory(a.model, a.peak_prompts)
     if a.cost:
         lines += [""] + discovery_cost(a.model, a.cost_skeletons, a.cost_emotions)
     out = Path(__file__).resolve().parent / "results" / f"discovery-{_dt.date.today().isoformat()}.md"
