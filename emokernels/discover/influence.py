@@ -464,10 +464,7 @@ def influence_fast(model, prompts, u: torch.Tensor, sigma: torch.Tensor, v_ref: 
                             rows_idx = (torch.arange(G, device=dev)[:, None] * n + loc[None]).reshape(-1)
                             injector.plan[key] = (0, rows_idx, src[None].expand(G, -1, -1).reshape(-1, 1, plan.d))
                 if layout == "tree":
-                    mask = torch.zeros(G, 1, n, T0 + n, dtype=plan.dtype, device=dev)
-                    blocked = torch.full((n, n), torch.finfo(plan.dtype).min, dtype=plan.dtype, device=dev)
-                    mask[:, :, :, T0:] = blocked.fill_diagonal_(0)
-                    h = backbone(input_ids=last.expand(G, n), attention_mask=mask,
+                    h = backbone(input_ids=last.expand(G, n), attention_mask=_tree_mask(G, n, T0, plan.dtype, dev),
                                  position_ids=torch.full((G, n), T0, device=dev), use_cache=True,
                                  **{cache_kw: cache}).last_hidden_state  # [G, n, d]
                     cache.crop(-n)  # drop the n appended keys (negative = tokens to remove, in every version)
@@ -517,7 +514,7 @@ def _tree_mask(G: int, n: int, T0: int, dtype, dev) -> torch.Tensor:
 
 
 def _run_staged(plan, backbone, cache, T0: int, G: int, entries, clean_m, clean_h, deltas):
-    """Run copies that enter at their sublayers; returns (ĥ of every copy [G, n, d] in entry order,
+    """Run copies that enter at their sublayers; returns (ĥ [G, n, d] by local copy index,
     token-layer rows).
 
     ``entries[(p, ℓ)]``: local copy indices entering at sublayer (p, ℓ), in order; ``deltas`` [n, d]
