@@ -16,7 +16,7 @@ median over rounds of the *paired* ratio against the unpatched model measured in
   emk_fused_bias   the circuit compiled to per-layer bias vectors (exact, §8.5), fused gather_add
   folded_bias      the static floor: the same biases folded into down_proj/o_proj as bias
                    parameters (all positions; no per-row emotions) — what an edit costs at best
-  pyvene / nnsight the same steering edit through those libraries, when importable
+  pyvene / nnsight / repeng  the same steering edit through those libraries, when importable
 
 With ``--compile MODE`` the decode step is also timed under ``torch.compile(mode=MODE)`` with a
 static KV cache (eager prefill, compiled decode: what transformers' generate does), for the
@@ -329,12 +329,50 @@ def _pyvene_steer(model, wl: Workload):
         del pvm
 
 
+def _repeng_control():
+    """repeng's ``control`` module. repeng 0.4.0 (the newest on PyPI) pins numpy<2 and its package
+    ``__init__`` fails under numpy 2 (``np.float_``, in ``extract``); ``control`` itself needs only
+    torch, so it is loaded from the installed package directly."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("repeng")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("No module named 'repeng'")
+    path = Path(list(spec.submodule_search_locations)[0]) / "control.py"
+    mspec = importlib.util.spec_from_file_location("repeng_control", path)
+    mod = importlib.util.module_from_spec(mspec)
+    mspec.loader.exec_module(mod)
+    return mod
+
+
+@contextlib.contextmanager
+def _repeng_steer(model, wl: Workload):
+    """repeng: ControlModel wraps each steered layer and adds α·v̄ at every position (its own edit:
+    repeng has no per-position or rms-scaled control)."""
+    control = _repeng_control()
+    cm = control.ControlModel(model, wl.steer_layers)
+    cm.set_raw_control({l: (wl.alpha * wl.dirs[l][0]).to(next(model.parameters()).dtype) for l in wl.steer_layers})
+
+    def fwd(input_ids, **kw):  # repeng reads position_ids per row ([B, T]); HF alone passes [1, T]
+        cache = kw.get("cache", kw.get("past_key_values"))
+        past = 0 if cache is None else int(cache.get_seq_length())
+        B, T = input_ids.shape
+        pos = (past + torch.arange(T, device=input_ids.device)).expand(B, T)
+        return model(input_ids=input_ids, position_ids=pos, **kw)
+
+    try:
+        yield fwd
+    finally:
+        cm.unwrap()
+
+
 def _third_party(model, wl: Workload) -> dict:
-    """pyvene / nnsight doing the steering edit, when they import; else a note why not."""
+    """pyvene / nnsight / repeng doing the steering edit, when they import; else a note why not."""
     out = {}
-    for name, mod, factory in (("pyvene_steer", "pyvene", _pyvene_steer), ("nnsight_steer", "nnsight", _nnsight_steer)):
+    for name, mod, factory in (("pyvene_steer", "pyvene", _pyvene_steer), ("nnsight_steer", "nnsight", _nnsight_steer),
+                               ("repeng_steer", "repeng", _repeng_steer)):
         try:
-            __import__(mod)
+            _repeng_control() if mod == "repeng" else __import__(mod)
         except Exception as e:  # noqa: BLE001
             note = f"{mod}: not benchmarked ({type(e).__name__}: {str(e)[:80]})"
             if note not in NOTES:
