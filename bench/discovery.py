@@ -218,9 +218,13 @@ def peak_memory(model_name: str, n_prompts: int) -> list[str]:
     import subprocess
 
     out = {}
+    # glibc keeps freed heap memory (small long-lived tensors pin it: RSS then grew ~1 MB per prompt
+    # with nothing live, and malloc_trim gave it back); fixed mmap/trim thresholds return the large
+    # activation buffers at once, so the peak RSS follows the live tensors.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
     for what in ("forward", "projections", "accumulators", "states"):
         r = subprocess.run([sys.executable, __file__, "--model", model_name, "--peak-child", what,
-                            "--peak-prompts", str(n_prompts)], capture_output=True, text=True, check=True)
+                            "--peak-prompts", str(n_prompts)], capture_output=True, text=True, check=True, env=env)
         line = next(l for l in r.stdout.splitlines() if l.startswith("PEAK "))
         _, _, kib, held = line.split()
         out[what] = (int(kib) * 1024, int(held))
@@ -228,8 +232,9 @@ def peak_memory(model_name: str, n_prompts: int) -> list[str]:
     mb = 1 / 2 ** 20
     base = out["forward"][0]
     lines = [f"## Peak memory of a capture of {n_prompts} train prompts ({model_name}, measured)", "",
-             "Each capture in a fresh process; the peak resident memory (VmHWM, reset after the model is loaded) "
-             "minus that of the same forward passes keeping nothing.", "", "| capture | peak RSS | added peak | tensors held at the end |", "|---|---|---|---|"]
+             "Each capture in a fresh process (glibc mmap/trim thresholds fixed at 128 KiB so freed activations "
+             "leave the RSS); the peak resident memory (VmHWM, reset after the model is loaded) minus that of the "
+             "same forward passes keeping nothing.", "", "| capture | peak RSS | added peak | tensors held at the end |", "|---|---|---|---|"]
     for what in ("forward", "projections", "accumulators", "states"):
         peak, held = out[what]
         lines.append(f"| {what} | {peak * mb:.0f} MiB | {(peak - base) * mb:+.1f} MiB | {held * mb:.2f} MiB |")
