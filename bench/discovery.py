@@ -67,31 +67,36 @@ def held_bytes(L: int, d: int, d_ff: int, n: int = TRAIN_PROMPTS) -> dict:
                 accumulators=acc_dirs + acc_neurons, acc_dirs=acc_dirs, acc_neurons=acc_neurons)
 
 
-def capture_memory(model, tok, n_prompts: int) -> dict:
-    """Measured on ``n_prompts`` train prompts: bytes of the kept fp16 states, of the directions
-    accumulator, and of readout projections captured by the fused ``project`` op."""
+def project_readouts(model, tok, units, project: bool = True) -> int:
+    """Forward ``units`` in batches of 16 with the fused ``project`` op reading both residual points
+    of every layer at t* onto K random unit directions (``project=False``: the same forward passes,
+    nothing read); returns the bytes of the captured projections."""
     from emokernels import Intervention, patch
+    from emokernels.data.prompts import PromptConfig
     from emokernels.discover.capture import _render_batch
 
-    sk = load_split("train", limit=max(1, n_prompts // 18))
-    units = prompt_units(sk)[:n_prompts]
-    res = capture(model, tok, units, keep_states=True, states_dtype=torch.float16, progress=False)
-    acc_state, _ = res.accumulator.state_dict()
     a = Adapter.of(model)
     g = torch.Generator().manual_seed(0)
     dirs = {l: torch.nn.functional.normalize(torch.randn(K, a.hidden_size, generator=g), dim=-1)
             for l in range(a.num_layers)}
     ivs = [Intervention(site=site, op="project", layers=range(a.num_layers), positions="readout", directions=dirs,
-                        name=site) for site in ("resid_mid", "resid_post")]
-    from emokernels.data.prompts import PromptConfig
-
+                        name=site) for site in ("resid_mid", "resid_post")] if project else []
     with torch.no_grad(), patch(model, *ivs, backend="fused") as h:
         for i in range(0, len(units), 16):
             batch = _render_batch(tok, units[i:i + 16], PromptConfig(), "prompt")
             model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    proj_bytes = tensor_bytes({k: dict(v) for k, v in h.captures.items()})
+    return tensor_bytes({k: dict(v) for k, v in h.captures.items()})
+
+
+def capture_memory(model, tok, n_prompts: int) -> dict:
+    """Measured on ``n_prompts`` train prompts: bytes of the kept fp16 states, of the directions
+    accumulator, and of readout projections captured by the fused ``project`` op."""
+    sk = load_split("train", limit=max(1, n_prompts // 18))
+    units = prompt_units(sk)[:n_prompts]
+    res = capture(model, tok, units, keep_states=True, states_dtype=torch.float16, progress=False)
+    acc_state, _ = res.accumulator.state_dict()
     return dict(n=len(units), states=tensor_bytes(res.states), acc_measured=tensor_bytes(acc_state),
-                acc_tensors=len(acc_state), projections=proj_bytes)
+                acc_tensors=len(acc_state), projections=project_readouts(model, tok, units))
 
 
 def heterogeneous(model, tok, batch: int, rounds: int) -> dict:
@@ -185,10 +190,6 @@ def peak_child(model_name: str, what: str, n_prompts: int) -> None:
     """
     import gc
 
-    from emokernels import Intervention, patch
-    from emokernels.data.prompts import PromptConfig
-    from emokernels.discover.capture import _render_batch
-
     model, tok = load(model_name, dtype=torch.bfloat16)
     units = prompt_units(load_split("train"))[:n_prompts]
     gc.collect()
@@ -198,17 +199,7 @@ def peak_child(model_name: str, what: str, n_prompts: int) -> None:
                       accumulate=what == "accumulators", progress=False)
         held = tensor_bytes(res.states) + (tensor_bytes(res.accumulator.state_dict()[0]) if res.accumulator else 0)
     else:
-        a = Adapter.of(model)
-        g = torch.Generator().manual_seed(0)
-        dirs = {l: torch.nn.functional.normalize(torch.randn(K, a.hidden_size, generator=g), dim=-1)
-                for l in range(a.num_layers)}
-        ivs = [Intervention(site=site, op="project", layers=range(a.num_layers), positions="readout",
-                            directions=dirs, name=site) for site in ("resid_mid", "resid_post")]
-        with torch.no_grad(), patch(model, *(ivs if what == "projections" else []), backend="fused") as h:
-            for i in range(0, len(units), 16):
-                batch = _render_batch(tok, units[i:i + 16], PromptConfig(), "prompt")
-                model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        held = tensor_bytes({k: dict(v) for k, v in h.captures.items()})
+        held = project_readouts(model, tok, units, project=what == "projections")
     status = dict(l.split(":", 1) for l in Path("/proc/self/status").read_text().splitlines() if ":" in l)
     print(f"PEAK {what} {int(status['VmHWM'].split()[0])} {held}", flush=True)
 
