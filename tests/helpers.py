@@ -84,3 +84,40 @@ def compile_matches_eager(f, inputs, rtol=1e-4, atol=1e-5) -> set[str]:
 
 def uses_custom_op(graph_ops: set[str]) -> bool:
     return any("emokernels" in t for t in graph_ops)
+
+
+# fused_add_rmsnorm test configurations: (edit, rms_scale, norm, gemma, project)
+FUSED_CONFIGS = {
+    "add_norm": (False, False, True, False, False),          # plain HF residual add + RMSNorm
+    "edit_norm": (True, False, True, False, False),          # compiled bias at attn_out/resid_mid
+    "steer_norm_proj": (True, True, True, False, True),      # steering + readout projections
+    "gemma_proj": (True, False, True, True, True),
+    "post_edit": (True, True, False, False, False),          # post-MLP add (gamma=None)
+    "post_proj": (False, False, False, False, True),
+}
+
+
+def fused_residual_inputs(B, T, d, dtype, cfg, table_dtype=torch.float32, E=4, K=3, seed=0, device="cpu"):
+    """``(residual, delta, kwargs)`` for ``fused_add_rmsnorm`` under ``cfg`` (a FUSED_CONFIGS value),
+    drawn on the CPU from ``seed`` and moved to ``device``."""
+    edit, rms, norm, gemma, proj = cfg
+    g = torch.Generator().manual_seed(seed)
+    res = (torch.randn(B, T, d, generator=g) * 2).to(dtype)
+    delta = torch.randn(B, T, d, generator=g).to(dtype)
+    kw = dict(rms_scale=rms, gemma=gemma, eps=1e-6)
+    if edit:
+        kw["table"] = torch.randn(E, d, generator=g).to(table_dtype)
+        kw["row_idx"] = torch.randint(0, E, (B,), generator=g)
+        kw["strength"] = torch.rand(B, generator=g) * 2 - 0.5
+        pm = torch.rand(B, T, generator=g) > 0.35
+        pm[0, -1] = True  # at least one edited position
+        if T > 1:
+            pm[-1, 0] = False  # at least one kept position
+        kw["pos_mask"] = pm
+    if norm:
+        kw["gamma"] = (torch.rand(d, generator=g) + 0.5).to(dtype)
+    if proj:
+        kw["directions"] = torch.randn(K, d, generator=g)
+        kw["readout"] = torch.randint(0, T, (B,), generator=g)
+    mv = lambda t: t.to(device) if torch.is_tensor(t) else t  # noqa: E731
+    return res.to(device), delta.to(device), {k: mv(v) for k, v in kw.items()}

@@ -1,6 +1,7 @@
 """fused_add_rmsnorm and the fused decoder layers on a CUDA device (``cuda`` and ``triton`` backends)."""
 from __future__ import annotations
 
+import functools
 import importlib
 
 import pytest
@@ -15,6 +16,8 @@ from emokernels import Intervention, patch  # noqa: E402
 from emokernels.ops import backends  # noqa: E402
 from emokernels.ops.fused_residual import fused_add_rmsnorm, fused_add_rmsnorm_reference  # noqa: E402
 
+from tests.helpers import FUSED_CONFIGS, fused_residual_inputs  # noqa: E402
+
 fr_mod = importlib.import_module("emokernels.ops.fused_residual")
 
 DEV = torch.device("cuda")
@@ -27,37 +30,8 @@ SHAPES = [(1, 1, 3072), (4, 257, 3072), (1, 1, 4096), (2, 3, 77), (2, 2, 1), (1,
 # Triton compiles one kernel per (BLOCK = next_pow2(d), flags, dtypes): fewer distinct widths
 TRITON_SHAPES = [(1, 1, 3072), (4, 257, 3000), (2, 3, 77), (2, 2, 1)]
 CASES = [("cuda", s) for s in SHAPES] + [("triton", s) for s in TRITON_SHAPES]
-CONFIGS = {
-    "add_norm": (False, False, True, False, False),
-    "edit_norm": (True, False, True, False, False),
-    "steer_norm_proj": (True, True, True, False, True),
-    "gemma_proj": (True, False, True, True, True),
-    "post_edit": (True, True, False, False, False),
-}
-
-
-def _inputs(B, T, d, dtype, cfg, table_dtype=torch.float32, E=6, K=5, seed=0):
-    edit, rms, norm, gemma, proj = cfg
-    g = torch.Generator().manual_seed(seed)
-    res = (torch.randn(B, T, d, generator=g) * 2).to(dtype)
-    delta = torch.randn(B, T, d, generator=g).to(dtype)
-    kw = dict(rms_scale=rms, gemma=gemma, eps=1e-6)
-    if edit:
-        kw["table"] = torch.randn(E, d, generator=g).to(table_dtype)
-        kw["row_idx"] = torch.randint(0, E, (B,), generator=g)
-        kw["strength"] = torch.rand(B, generator=g) * 2 - 0.5
-        pm = torch.rand(B, T, generator=g) > 0.35
-        pm[0, -1] = True
-        if T > 1:
-            pm[-1, 0] = False
-        kw["pos_mask"] = pm
-    if norm:
-        kw["gamma"] = (torch.rand(d, generator=g) + 0.5).to(dtype)
-    if proj:
-        kw["directions"] = torch.randn(K, d, generator=g)
-        kw["readout"] = torch.randint(0, T, (B,), generator=g)
-    mv = lambda t: t.to(DEV) if torch.is_tensor(t) else t  # noqa: E731
-    return res.to(DEV), delta.to(DEV), {k: mv(v) for k, v in kw.items()}
+CONFIGS = {k: v for k, v in FUSED_CONFIGS.items() if k != "post_proj"}
+_inputs = functools.partial(fused_residual_inputs, E=6, K=5, device=DEV)
 
 
 def _tol(dtype):

@@ -6,7 +6,7 @@ import importlib
 import pytest
 import torch
 
-from tests.helpers import compile_matches_eager, op_backends, uses_custom_op
+from tests.helpers import FUSED_CONFIGS, compile_matches_eager, fused_residual_inputs, op_backends, uses_custom_op
 
 from emokernels.ops import backends
 from emokernels.ops.fused_residual import fused_add_rmsnorm, fused_add_rmsnorm_reference
@@ -16,41 +16,9 @@ fr_mod = importlib.import_module("emokernels.ops.fused_residual")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (B, T, d): decode at SmolLM2 width, odd sizes, d=1, a ragged non-power-of-2 d
 SHAPES = [(1, 1, 576), (2, 3, 77), (3, 5, 128), (2, 2, 1), (1, 4, 577)]
-# (edit, rms_scale, norm, gemma, project)
-CONFIGS = {
-    "add_norm": (False, False, True, False, False),          # plain HF residual add + RMSNorm
-    "edit_norm": (True, False, True, False, False),          # compiled bias at attn_out/resid_mid
-    "steer_norm_proj": (True, True, True, False, True),      # steering + readout projections
-    "gemma_proj": (True, False, True, True, True),
-    "post_edit": (True, True, False, False, False),          # post-MLP add (gamma=None)
-    "post_proj": (False, False, False, False, True),
-}
-
-
+CONFIGS = FUSED_CONFIGS  # (edit, rms_scale, norm, gemma, project)
 BACKENDS = op_backends()
-
-
-def _inputs(B, T, d, dtype, cfg, table_dtype=torch.float32, E=4, K=3, seed=0):
-    edit, rms, norm, gemma, proj = cfg
-    g = torch.Generator().manual_seed(seed)
-    res = (torch.randn(B, T, d, generator=g) * 2).to(dtype)
-    delta = torch.randn(B, T, d, generator=g).to(dtype)
-    kw = dict(rms_scale=rms, gemma=gemma, eps=1e-6)
-    if edit:
-        kw["table"] = torch.randn(E, d, generator=g).to(table_dtype)
-        kw["row_idx"] = torch.randint(0, E, (B,), generator=g)
-        kw["strength"] = torch.rand(B, generator=g) * 2 - 0.5
-        pm = torch.rand(B, T, generator=g) > 0.35
-        pm[0, -1] = True  # at least one edited position
-        if T > 1:
-            pm[-1, 0] = False  # at least one kept position
-        kw["pos_mask"] = pm
-    if norm:
-        kw["gamma"] = (torch.rand(d, generator=g) + 0.5).to(dtype)
-    if proj:
-        kw["directions"] = torch.randn(K, d, generator=g)
-        kw["readout"] = torch.randint(0, T, (B,), generator=g)
-    return res, delta, kw
+_inputs = fused_residual_inputs
 
 
 def _tol(dtype):
