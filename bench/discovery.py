@@ -277,7 +277,7 @@ def main(argv=None):
     p.add_argument("--no-hetero", action="store_true", help="skip the heterogeneous-batch timing")
     p.add_argument("--cost", action="store_true", help="also time heads and influence against the paper's procedure")
     p.add_argument("--cost-skeletons", type=int, default=2, help="train skeletons for --cost (3 prompts each)")
-    p.add_argument("--cost-emotions", type=int, default=2, help="emotions for the influence part of --cost")
+    p.add_argument("--cost-emotions", type=int, default=6, help="emotions for the influence part of --cost (default: all six, as discovery runs it)")
     p.add_argument("--peak", action="store_true", help="also measure the peak memory of each capture (subprocesses)")
     p.add_argument("--peak-prompts", type=int, default=TRAIN_PROMPTS, help="prompts for --peak (default: the train split)")
     p.add_argument("--peak-child", default=None, help=argparse.SUPPRESS)

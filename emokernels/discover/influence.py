@@ -36,7 +36,9 @@ Three ways to compute it, all returning an :class:`InfluenceResult`:
     its sublayer as ``clean state + δ_j`` and runs only the rest of the network (the attention
     half of layer ℓ is skipped for an mlp injection too). The decoder layers are run half by half
     (input norm, attention, add; post-attention norm, MLP, add), each layer with the rows that
-    have entered by then: ≈ half the token-layer rows of ``tree``.
+    have entered by then: ≈ half the token-layer rows of ``tree``. The copies attend to the
+    prefix cache and to themselves only (:func:`prefix_copy_attention`), so no n × n copy-copy
+    block of masked scores is computed and the cache is never written.
 
   Cost per prompt: one prefill of T−1 tokens plus N = 1 + E·|P|·L·|α| single-token rows, instead
   of N full prompts (≈T× fewer token-rows; T ≈ 80 for chat prompts); ``staged`` halves the rows.
@@ -55,6 +57,7 @@ Tensor conventions (as produced by ``discover.directions``):
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -499,12 +502,6 @@ def influence_fast(model, prompts, u: torch.Tensor, sigma: torch.Tensor, v_ref: 
     return plan.result(s_base, s_inj, f"fast-{layout}", stats)
 
 
-def _attn_kwargs(cache_kw: str, cache, mask, pos, pos_emb) -> dict:
-    """Keywords of a direct ``self_attn`` call (as the decoder layer passes them)."""
-    return dict(attention_mask=mask, position_ids=pos, position_embeddings=pos_emb, use_cache=True,
-                **{cache_kw: cache})
-
-
 def _tree_mask(G: int, n: int, T0: int, dtype, dev) -> torch.Tensor:
     """[G, 1, n, T0 + n] additive mask: every copy sees the prefix and itself only."""
     mask = torch.zeros(G, 1, n, T0 + n, dtype=dtype, device=dev)
@@ -513,49 +510,108 @@ def _tree_mask(G: int, n: int, T0: int, dtype, dev) -> torch.Tensor:
     return mask
 
 
+def prefix_copy_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
+                          prefix_kv=None, **kwargs):
+    r"""Attention of n one-token copies that share a prompt prefix and never see each other.
+
+    Copy j attends to the T0 prefix positions and to itself:
+
+        s_j = [q_j·K_0, …, q_j·K_{T0−1}, q_j·k_j] · scaling,   o_j = softmax(s_j) · [V_0; …; V_{T0−1}; v_j]
+
+    which is what a [n, T0 + n] additive "tree" mask gives, without the n × n copy-copy block
+    (the copies outnumber the prefix tokens ~10:1, so that block was most of the attention work).
+    Grouped-query heads share K/V: head h reads kv head h // (H / KVH).
+
+    Shapes: ``query`` [G, H, n, hd]; ``key``, ``value`` [G, KVH, n, hd] (each copy's own, after
+    rotary); ``prefix_kv`` = (K, V), each [G, KVH, T0, hd]. Returns ([G, n, H, hd], None), the
+    layout of transformers' attention interface. The softmax runs in fp32 as transformers' eager
+    attention does. Registered as the attention implementation ``"emokernels_prefix_copies"``;
+    ``attention_mask`` and ``dropout`` must be unset (the copies are unpadded, inference only).
+    """
+    if prefix_kv is None:
+        raise ValueError("prefix_copy_attention needs prefix_kv=(K, V), the prefix keys and values [G, KVH, T0, hd]")
+    if attention_mask is not None or dropout:
+        raise ValueError("prefix_copy_attention takes no attention mask and no dropout")
+    K, V = prefix_kv
+    G, H, n, hd = query.shape
+    kvh, T0 = K.shape[1], K.shape[2]
+    scaling = hd ** -0.5 if scaling is None else scaling
+    q = query.reshape(G, kvh, H // kvh, n, hd)
+    s_prefix = torch.matmul(q.reshape(G, kvh, -1, hd), K.transpose(-1, -2)).reshape(G, kvh, H // kvh, n, T0)
+    s_self = (q * key[:, :, None]).sum(-1, keepdim=True)  # [G, KVH, H/KVH, n, 1]
+    p = torch.softmax(torch.cat([s_prefix, s_self], -1).float() * scaling, dim=-1).to(query.dtype)
+    out = torch.matmul(p[..., :T0].reshape(G, kvh, -1, T0), V).reshape_as(q) + p[..., T0:] * value[:, :, None]
+    return out.reshape(G, H, n, hd).transpose(1, 2).contiguous(), None
+
+
+_PREFIX_COPIES = "emokernels_prefix_copies"
+
+
+@contextlib.contextmanager
+def _attention_implementation(config, name: str):
+    """Switch the attention modules reading ``config`` to the registered implementation ``name``, restored on exit."""
+    from transformers import AttentionInterface
+
+    if name not in AttentionInterface._global_mapping:
+        AttentionInterface.register(name, prefix_copy_attention)
+    old = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = old
+
+
+def _attention_half(layer, X, kv, T0: int, cos, sin):
+    """m = X + Attn(norm(X)) for copies X [G, n, d] at t*, over the prefix in cache layer ``kv`` and themselves."""
+    prefix = (kv.keys[:, :, :T0], kv.values[:, :, :T0])
+    return X + layer.self_attn(hidden_states=layer.input_layernorm(X), position_embeddings=(cos, sin),
+                               attention_mask=None, prefix_kv=prefix)[0]
+
+
+def _mlp_half(layer, M):
+    """h = M + MLP(norm(M))."""
+    return M + layer.mlp(layer.post_attention_layernorm(M))
+
+
 def _run_staged(plan, backbone, cache, T0: int, G: int, entries, clean_m, clean_h, deltas):
     """Run copies that enter at their sublayers; returns (ĥ [G, n, d] by local copy index,
     token-layer rows).
 
     ``entries[(p, ℓ)]``: local copy indices entering at sublayer (p, ℓ), in order; ``deltas`` [n, d]
-    (local); ``clean_m``, ``clean_h`` [G, L, d]: the clean readout token's m_ℓ and h_{ℓ+1}.
-    Each layer appends its rows' keys to the cache; they are cropped before returning.
+    (local); ``clean_m``, ``clean_h`` [G, L, d]: the clean readout token's m_ℓ and h_{ℓ+1}. The
+    copies attend to the prefix in ``cache`` and to themselves (:func:`prefix_copy_attention`);
+    the cache is read, never written.
     """
     a = plan.adapter
-    dev, dt, kw = plan.device, plan.dtype, a.cache_kwarg
+    dev, dt = plan.device, plan.dtype
     order: list[int] = []
     X = None  # [G, n_active, d], states at the current layer's input
-    appended = []
     pos_all = torch.full((G, sum(len(v) for v in entries.values())), T0, device=dev)
     cos, sin = backbone.rotary_emb(clean_m.to(dt), pos_all)  # every copy sits at t*
     layer_rows = 0
     first = min(l for (_, l) in entries)
-    for l in range(first, a.num_layers):
-        layer = a.layers[l]
-        if X is not None:
-            n = X.shape[1]
-            x = layer.input_layernorm(X)
-            A = layer.self_attn(hidden_states=x, **_attn_kwargs(kw, cache, _tree_mask(G, n, T0, dt, dev), pos_all[:, :n],
-                                                                 (cos[:, :n], sin[:, :n])))[0]
-            appended.append((l, n))
-            M = X + A
-            layer_rows += n
-        else:
-            M = None
-        new = entries.get((0, l))
-        if new:
-            add = clean_m[:, l, None, :] + deltas[new][None]  # [G, k, d], fp32
-            M = add.to(dt) if M is None else torch.cat([M, add.to(dt)], 1)
-            order += new
-        if M is not None:
-            X = M + layer.mlp(layer.post_attention_layernorm(M))
-        new = entries.get((1, l))
-        if new:
-            add = (clean_h[:, l, None, :] + deltas[new][None]).to(dt)
-            X = add if X is None else torch.cat([X, add], 1)
-            order += new
-    for l, n in appended:
-        cache.layers[l].crop(-n)
+    with _attention_implementation(a.layers[0].self_attn.config, _PREFIX_COPIES):
+        for l in range(first, a.num_layers):
+            layer = a.layers[l]
+            if X is not None:
+                n = X.shape[1]
+                M = _attention_half(layer, X, cache.layers[l], T0, cos[:, :n], sin[:, :n])
+                layer_rows += n
+            else:
+                M = None
+            new = entries.get((0, l))
+            if new:
+                add = clean_m[:, l, None, :] + deltas[new][None]  # [G, k, d], fp32
+                M = add.to(dt) if M is None else torch.cat([M, add.to(dt)], 1)
+                order += new
+            if M is not None:
+                X = _mlp_half(layer, M)
+            new = entries.get((1, l))
+            if new:
+                add = (clean_h[:, l, None, :] + deltas[new][None]).to(dt)
+                X = add if X is None else torch.cat([X, add], 1)
+                order += new
     h = backbone.norm(X)
     out = torch.empty_like(h)
     out[:, torch.tensor(order, device=dev)] = h
@@ -566,21 +622,17 @@ def _staged_group(plan, backbone, cache, last, T0, all_deltas, copy_e, memb, s_i
     """One group of equal-length prompts (prefix already in ``cache``): the clean pass, then the
     injected copies in chunks. Adds into ``s_inj``; returns ((calls, rows), base scores [G, E])."""
     a = plan.adapter
-    G, dev, kw = last.shape[0], plan.device, a.cache_kwarg
+    G, dev = last.shape[0], plan.device
     # clean pass, layer by layer, keeping m_ℓ and h_{ℓ+1} of the readout token
-    pos = torch.full((G, 1), T0, device=dev)
     X = backbone.embed_tokens(last)
-    cos, sin = backbone.rotary_emb(X, pos)
-    mask = torch.zeros(G, 1, 1, T0 + 1, dtype=plan.dtype, device=dev)
+    cos, sin = backbone.rotary_emb(X, torch.full((G, 1), T0, device=dev))
     clean_m = torch.empty(G, a.num_layers, plan.d, dtype=torch.float32, device=dev)
     clean_h = torch.empty_like(clean_m)
-    for l, layer in enumerate(a.layers):
-        A = layer.self_attn(hidden_states=layer.input_layernorm(X),
-                            **_attn_kwargs(kw, cache, mask, pos, (cos, sin)))[0]
-        M = X + A
-        X = M + layer.mlp(layer.post_attention_layernorm(M))
-        clean_m[:, l], clean_h[:, l] = M[:, 0].float(), X[:, 0].float()
-    cache.crop(-1)
+    with _attention_implementation(a.layers[0].self_attn.config, _PREFIX_COPIES):
+        for l, layer in enumerate(a.layers):
+            M = _attention_half(layer, X, cache.layers[l], T0, cos, sin)
+            X = _mlp_half(layer, M)
+            clean_m[:, l], clean_h[:, l] = M[:, 0].float(), X[:, 0].float()
     base = (backbone.norm(X)[:, 0].float() @ plan.v_ref.T).double().cpu()  # [G, E]
     calls, rows = 1, G
     N = all_deltas.shape[0]  # injected copies (copy 0, the baseline, is the clean pass)

@@ -4,7 +4,7 @@ import torch
 
 from emokernels.data.prompts import chat_messages, render
 from emokernels.discover.influence import (InfluenceResult, influence_fast, influence_grad, influence_naive, late_window,
-                                           reference_directions, sublayer_influence)
+                                           prefix_copy_attention, reference_directions, sublayer_influence)
 from tests.helpers import USERS, tiny
 
 
@@ -74,10 +74,45 @@ def test_fast_equals_naive(family):
         assert fast.stats["token_rows"] * 5 < naive.stats["token_rows"]
         rows[fast.stats["layout"]] = fast.stats["token_rows"]
     assert set(rows) == {"tree", "batch", "staged"}  # auto = staged for the Llama-like families
+    assert model.config._attn_implementation == "sdpa"  # the staged copies' attention was switched back
     assert rows["staged"] < 0.75 * rows["tree"]  # the layers below each injection are skipped
     assert naive.Ibar.shape == (2, 2, 4) and torch.isfinite(naive.Ibar).all()
     assert naive.I.abs().max() > 1e-2  # the injections do move the score
     assert naive.stats["forward_calls"] == 1 + 2 * 2 * 4 * 2
+
+
+def _tree_attention_reference(q, k, v, K, V, scaling):
+    """The copies as extra keys behind a [n, T0 + n] tree mask (prefix + self visible), SDPA, GQA by repeat."""
+    G, H, n, hd = q.shape
+    T0, rep = K.shape[2], H // K.shape[1]
+    keys = torch.cat([K, k], 2).repeat_interleave(rep, 1)
+    values = torch.cat([V, v], 2).repeat_interleave(rep, 1)
+    visible = torch.cat([torch.ones(n, T0, dtype=torch.bool), torch.eye(n, dtype=torch.bool)], 1)
+    out = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=visible, scale=scaling)
+    return out.transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("G,H,kvh,n,T0,hd", [(1, 4, 4, 1, 1, 8), (3, 6, 2, 5, 7, 16), (2, 9, 3, 33, 13, 64)])
+def test_prefix_copy_attention_equals_the_tree_mask(G, H, kvh, n, T0, hd, dtype):
+    g = torch.Generator().manual_seed(G * 100 + n)
+    q, k, v = (torch.randn(G, h, n, hd, generator=g) for h in (H, kvh, kvh))
+    K, V = (torch.randn(G, kvh, T0, hd, generator=g) for _ in range(2))
+    scaling = hd ** -0.5
+    ref = _tree_attention_reference(q, k, v, K, V, scaling)  # fp32
+    low = [t.to(dtype) for t in (q, k, v, K, V)]
+    out, weights = prefix_copy_attention(None, *low[:3], scaling=scaling, prefix_kv=tuple(low[3:]))
+    assert out.shape == (G, n, H, hd) and out.dtype == dtype and weights is None
+    torch_err = (_tree_attention_reference(*low, scaling).float() - ref).abs().max()
+    assert (out.float() - ref).abs().max() <= max(2 * torch_err, 1e-5)
+
+
+def test_prefix_copy_attention_rejects_a_mask_and_a_missing_prefix():
+    q = torch.randn(1, 2, 3, 4)
+    with pytest.raises(ValueError, match="prefix_kv"):
+        prefix_copy_attention(None, q, q, q)
+    with pytest.raises(ValueError, match="no attention mask"):
+        prefix_copy_attention(None, q, q, q, torch.zeros(1, 1, 3, 3), prefix_kv=(q, q))
 
 
 def test_staged_layout_needs_a_llama_like_layer():
