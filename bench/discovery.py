@@ -1,17 +1,18 @@
 """Discovery cost and capture memory, and heterogeneous batches — side by side, one machine.
 
 1. Capture memory: the bytes a discovery pass must hold for the train split, streaming
-   accumulators (emokernels) vs keeping every readout state (the paper stores per-prompt
-   activations), measured as the size of what each path keeps after a real capture of N prompts
-   on the model, and extrapolated linearly in N to the full train split (2880 prompts).
+   accumulators and projections (emokernels) vs keeping every readout state or the paper's
+   dumps; measured on a real capture of N prompts and given by formula for the full train split
+   (2880 prompts) of each model shape. ``--peak``: the peak resident memory of each capture over
+   the whole split, each in a fresh process.
 2. Heterogeneous batches: one batch of B rows carrying six different emotions (per-row tables)
    vs one batch per emotion (what hook libraries with one global edit need), same total rows.
+3. ``--cost``: head scores (one pass vs zeroing each head) and sublayer influence (prefix reuse
+   vs one full forward per injection) against the paper's procedure, same prompts, fp32.
 
-    python bench/discovery.py --model smollm2-135m --prompts 48
+    python bench/discovery.py --model smollm2-135m --peak --cost
 
-Results go to bench/results/discovery-<date>.md. (Head scores one-pass vs brute force and
-sublayer influence fast vs naive are measured by their own scripts/tests; their ratios are in
-the README.)
+Results go to bench/results/discovery-<date>.md, with the date, commit and versions.
 """
 from __future__ import annotations
 
@@ -280,14 +281,19 @@ def main(argv=None):
     p.add_argument("--cost-emotions", type=int, default=6, help="emotions for the influence part of --cost (default: all six, as discovery runs it)")
     p.add_argument("--peak", action="store_true", help="also measure the peak memory of each capture (subprocesses)")
     p.add_argument("--peak-prompts", type=int, default=TRAIN_PROMPTS, help="prompts for --peak (default: the train split)")
+    p.add_argument("--out", default=None, help="results file (default: bench/results/discovery-<date>.md)")
     p.add_argument("--peak-child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.peak_child:
         return peak_child(a.model, a.peak_child, a.peak_prompts)
     model, tok = load(a.model, dtype=torch.bfloat16)
     mem = capture_memory(model, tok, a.prompts)
-    lines = [f"# Discovery memory and heterogeneous batches — {a.model}, CPU {os.cpu_count()} cores, "
-             f"{_dt.date.today().isoformat()}", ""] + memory_lines(a.model, model, mem)
+    from latency import machine_info
+
+    info = machine_info(torch.device("cpu"))
+    lines = [f"# Discovery memory and heterogeneous batches — {a.model}, {info['card']}", "",
+             f"date {info['date']}, commit {info['commit']}, torch {info['torch']}, transformers {info['transformers']}",
+             ""] + memory_lines(a.model, model, mem)
     if not a.no_hetero:
         het = heterogeneous(model, tok, a.batch, a.rounds)
         lines += ["", f"## Heterogeneous batch", "", f"{het['batch']} rows x 96 tokens, six emotions, fused steering, "
@@ -297,7 +303,7 @@ def main(argv=None):
         lines += [""] + peak_memory(a.model, a.peak_prompts)
     if a.cost:
         lines += [""] + discovery_cost(a.model, a.cost_skeletons, a.cost_emotions)
-    out = Path(__file__).resolve().parent / "results" / f"discovery-{_dt.date.today().isoformat()}.md"
+    out = Path(a.out or Path(__file__).resolve().parent / "results" / f"discovery-{_dt.date.today().isoformat()}.md")
     out.write_text("\n".join(lines) + "\n")
     print(out.read_text())
 
