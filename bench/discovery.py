@@ -70,8 +70,9 @@ def held_bytes(L: int, d: int, d_ff: int, n: int = TRAIN_PROMPTS) -> dict:
 
 def project_readouts(model, tok, units, project: bool = True) -> int:
     """Forward ``units`` in batches of 16 with the fused ``project`` op reading both residual points
-    of every layer at t* onto K random unit directions (``project=False``: the same forward passes,
-    nothing read); returns the bytes of the captured projections."""
+    of every layer at t* onto K random unit directions, drained after each batch into one fp32
+    buffer [2, L, N, K] (``project=False``: the same forward passes, nothing read); returns the
+    bytes of that buffer."""
     from emokernels import Intervention, patch
     from emokernels.data.prompts import PromptConfig
     from emokernels.discover.capture import _render_batch
@@ -82,11 +83,15 @@ def project_readouts(model, tok, units, project: bool = True) -> int:
             for l in range(a.num_layers)}
     ivs = [Intervention(site=site, op="project", layers=range(a.num_layers), positions="readout", directions=dirs,
                         name=site) for site in ("resid_mid", "resid_post")] if project else []
+    out = torch.empty(2, a.num_layers, len(units), K) if project else torch.empty(0)  # [point, L, N, K]
     with torch.no_grad(), patch(model, *ivs, backend="fused") as h:
         for i in range(0, len(units), 16):
             batch = _render_batch(tok, units[i:i + 16], PromptConfig(), "prompt")
             model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return tensor_bytes({k: dict(v) for k, v in h.captures.items()})
+            if project:  # drained per batch into the one buffer
+                got = h.pop_captures()
+                out[0, :, i:i + 16], out[1, :, i:i + 16] = got["resid_mid"], got["resid_post"]
+    return tensor_bytes(out)
 
 
 def capture_memory(model, tok, n_prompts: int) -> dict:

@@ -353,6 +353,20 @@ class PatchHandle(ContextDecorator):
         self.state.readout_override = readout
         return self
 
+    def pop_captures(self) -> dict[str, torch.Tensor]:
+        """Take everything captured or projected so far as one tensor per name, and empty ``captures``.
+
+        ``{name: [n_layers, N, ...]}``: each layer's rows of every call so far, concatenated (readout
+        positions: [N, K] for a projection onto K directions, [N, d] for a capture; other positions:
+        the selected rows), the layers stacked in increasing order. ``captures`` keeps one small
+        tensor per (name, layer, call); draining it after every batch keeps one per batch and name,
+        so a capture over thousands of prompts holds its payload and not the per-tensor overhead.
+        """
+        out = {key: torch.stack([torch.cat(per_layer[l]) for l in sorted(per_layer)])
+               for key, per_layer in self.captures.items()}
+        self.captures.clear()
+        return out
+
     def remove(self):
         if self._fused is not None:
             self._fused.remove()

@@ -124,6 +124,28 @@ def test_project_equals_captured_rows_times_directions():
         torch.testing.assert_close(h.captures["p"][l][0], h.captures["c"][l][0] @ D[l].T, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+def test_pop_captures_stacks_layers_and_concatenates_calls(backend):
+    model, tok = tiny("llama")
+    batch = prompt_batch(tok)
+    D = {l: torch.randn(5, 64) for l in (1, 3)}
+    ivs = [Intervention(site="resid_post", op="project", layers=(3, 1), positions="readout", directions=D, name="p"),
+           Intervention(site="resid_mid", op="capture", layers=(1, 3), positions="readout", name="c")]
+    with torch.no_grad(), patch(model, *ivs, backend=backend) as h:
+        for _ in range(2):
+            _forward(model, batch)
+        kept = {k: {l: list(v) for l, v in per.items()} for k, per in h.captures.items()}
+        got = h.pop_captures()
+        assert not h.captures and h.pop_captures() == {}
+        _forward(model, batch)  # captures again after a drain
+        assert h.pop_captures()["p"].shape == got["p"][:, :batch["input_ids"].shape[0]].shape
+    B = batch["input_ids"].shape[0]
+    assert got["p"].shape == (2, 2 * B, 5) and got["c"].shape == (2, 2 * B, 64)
+    for name in ("p", "c"):
+        for i, l in enumerate((1, 3)):
+            assert torch.equal(got[name][i], torch.cat(kept[name][l]))
+
+
 def test_gradients_flow_to_vectors_and_weights():
     model, tok = tiny("llama")
     batch = prompt_batch(tok)
