@@ -227,6 +227,16 @@ class _Plan:
         # injections: (e, kind index, layer, alpha index), in this order
         self.inj = [(e, KINDS.index(k), l, ai) for e in range(E) for k in self.kinds for l in self.layers
                     for ai in range(len(self.alphas))]
+        self.inj_e = torch.tensor([e for e, *_ in self.inj], dtype=torch.long)  # emotion of each injection
+
+    def add_scores(self, s_inj, h, first: int, memb) -> None:
+        """s_inj[e, p, ℓ, a] += Σ_g memb[g, e] ⟨ĥ[g, k], v_ref,e⟩ for the k-th of the injections
+        ``first, first + 1, …`` whose final states are ``h`` [G, k, d]."""
+        e_j = self.inj_e[first:first + h.shape[1]]
+        s = (h.float() * self.v_ref[e_j.to(self.device)][None]).sum(-1).double().cpu()  # [G, k]
+        contrib = (s * memb[:, e_j]).sum(0)
+        for k, (e, p, l, ai) in enumerate(self.inj[first:first + h.shape[1]]):
+            s_inj[e, p, l, ai] += contrib[k]
 
     def delta(self, e, p, l, ai) -> torch.Tensor:
         return self.alphas[ai] * self.sigma[p, l] * self.u[p, l, e]
@@ -405,8 +415,7 @@ def influence_fast(model, prompts, u: torch.Tensor, sigma: torch.Tensor, v_ref: 
     s_base = torch.zeros(E, dtype=torch.float64)
     s_inj = torch.zeros(E, 2, plan.L, A, dtype=torch.float64)
     N = 1 + len(plan.inj)
-    # copy j ≥ 1 carries injection plan.inj[j - 1]; per-copy emotion for the score (copy 0 reads all)
-    copy_e = torch.tensor([0] + [e for e, *_ in plan.inj], device=dev)
+    # copy j ≥ 1 carries injection plan.inj[j - 1] (copy 0 is the baseline)
     all_deltas = torch.stack([plan.delta(*x) for x in plan.inj]) if plan.inj else torch.zeros(0, plan.d, device=dev)
     site_of = {}
     for j, (e, p, l, ai) in enumerate(plan.inj, start=1):
@@ -446,7 +455,7 @@ def influence_fast(model, prompts, u: torch.Tensor, sigma: torch.Tensor, v_ref: 
             bar.update()
             last = ids[:, T0:]
             if layout == "staged":
-                r, base = _staged_group(plan, backbone, cache, last, T0, all_deltas, copy_e, memb, s_inj, chunk)
+                r, base = _staged_group(plan, backbone, cache, last, T0, all_deltas, memb, s_inj, chunk)
                 s_base += (base * memb).sum(0)
                 calls, rows = calls + r[0], rows + r[1]
                 bar.update(1 + n_chunks)
@@ -486,13 +495,7 @@ def influence_fast(model, prompts, u: torch.Tensor, sigma: torch.Tensor, v_ref: 
                     s_base += (base * memb).sum(0)
                 j0 = max(c0, 1)
                 if j0 < c1:
-                    e_j = copy_e[j0:c1]
-                    s = (h[:, j0 - c0 :] * plan.v_ref[e_j][None]).sum(-1).double().cpu()  # [G, k]
-                    w = memb[:, e_j.cpu()]  # [G, k]
-                    contrib = (s * w).sum(0)
-                    for k, j in enumerate(range(j0, c1)):
-                        e, p, l, ai = plan.inj[j - 1]
-                        s_inj[e, p, l, ai] += contrib[k]
+                    plan.add_scores(s_inj, h[:, j0 - c0:], j0 - 1, memb)
                 bar.update()
     finally:
         injector.remove()
@@ -618,7 +621,7 @@ def _run_staged(plan, backbone, cache, T0: int, G: int, entries, clean_m, clean_
     return out, layer_rows
 
 
-def _staged_group(plan, backbone, cache, last, T0, all_deltas, copy_e, memb, s_inj, chunk):
+def _staged_group(plan, backbone, cache, last, T0, all_deltas, memb, s_inj, chunk):
     """One group of equal-length prompts (prefix already in ``cache``): the clean pass, then the
     injected copies in chunks. Adds into ``s_inj``; returns ((calls, rows), base scores [G, E])."""
     a = plan.adapter
@@ -643,12 +646,7 @@ def _staged_group(plan, backbone, cache, last, T0, all_deltas, copy_e, memb, s_i
             e, p, l, ai = plan.inj[j]
             entries.setdefault((p, l), []).append(j - c0)
         h, layer_rows = _run_staged(plan, backbone, cache, T0, G, entries, clean_m, clean_h, all_deltas[c0:c1].float())
-        e_j = copy_e[1 + c0:1 + c1]
-        sc = (h.float() * plan.v_ref[e_j][None]).sum(-1).double().cpu()  # [G, k]
-        contrib = (sc * memb[:, e_j.cpu()]).sum(0)
-        for k, j in enumerate(range(c0, c1)):
-            e, p, l, ai = plan.inj[j]
-            s_inj[e, p, l, ai] += contrib[k]
+        plan.add_scores(s_inj, h, c0, memb)
         calls, rows = calls + 1, rows + G * layer_rows / a.num_layers
     return (calls, rows), base
 
