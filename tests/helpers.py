@@ -34,6 +34,13 @@ def prompt_batch(tok, emotions=(None, "anger", "fear"), padding_side="left"):
     return encode(tok, texts, padding_side=padding_side)
 
 
+def emotion_batch(tok, emotions=(0, 3, 5)):
+    """:func:`prompt_batch` plus the emotion index each row is scored for (``"emotion"`` [B])."""
+    b = prompt_batch(tok)
+    b["emotion"] = torch.tensor(emotions)
+    return b
+
+
 def position_ids(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 

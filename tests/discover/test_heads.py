@@ -7,19 +7,9 @@ import torch
 from emokernels.discover.heads import (HeadScores, head_deltas, head_deltas_bruteforce, head_scores,
                                        head_scores_bruteforce)
 from emokernels.models import Adapter
-from tests.helpers import prompt_batch, random_directions, smollm, tiny
+from tests.helpers import emotion_batch, prompt_batch, random_directions, smollm, tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-
-_dirs = random_directions
-
-
-def _batch(tok, emotions=(0, 3, 5)):
-    b = prompt_batch(tok)
-    b["emotion"] = torch.tensor(emotions)
-    return b
 
 
 def _close(one, brute):
@@ -30,7 +20,7 @@ def _close(one, brute):
 @pytest.mark.parametrize("reading", ["residual", "normed"])
 def test_one_pass_equals_brute_force(family, reading):
     model, tok = tiny(family)
-    dirs, batch = _dirs(model), _batch(tok)
+    dirs, batch = random_directions(model), emotion_batch(tok)
     one = head_deltas(model, batch, dirs, reading=reading)
     brute, _ = head_deltas_bruteforce(model, batch, dirs, reading=reading)
     assert one.shape == (3, 4, 4)
@@ -45,7 +35,7 @@ def test_residual_reading_is_direct_effect_of_the_head():
 
     model, tok = tiny("qwen2")
     a = Adapter.of(model)
-    dirs, batch = _dirs(model), _batch(tok)
+    dirs, batch = random_directions(model), emotion_batch(tok)
     iv = Intervention("heads", "capture", (2,), positions="readout", name="z")
     with torch.no_grad(), patch(model, iv) as h:
         forward(model, batch)
@@ -58,8 +48,8 @@ def test_residual_reading_is_direct_effect_of_the_head():
 
 def test_dataset_scores_match_brute_force_and_group_by_target(tmp_path):
     model, tok = tiny("llama")
-    dirs = _dirs(model, 2)
-    batches = [_batch(tok, (0, 0, 4)), _batch(tok, (4, 1, 0))]
+    dirs = random_directions(model, 2)
+    batches = [emotion_batch(tok, (0, 0, 4)), emotion_batch(tok, (4, 1, 0))]
     one = head_scores(model, batches, dirs, layers=(1, 3), progress=False)
     brute = head_scores_bruteforce(model, batches, dirs, layers=(1, 3), progress=False)
     assert one.counts.tolist() == [3, 1, 0, 0, 2, 0] == brute.counts.tolist()
@@ -85,7 +75,7 @@ def test_dataset_scores_match_brute_force_and_group_by_target(tmp_path):
 def test_bad_reading_raises():
     model, tok = tiny("llama")
     with pytest.raises(ValueError, match="unknown reading"):
-        head_deltas(model, _batch(tok), _dirs(model), reading="post")
+        head_deltas(model, emotion_batch(tok), random_directions(model), reading="post")
 
 
 @pytest.mark.slow
@@ -93,7 +83,7 @@ def test_smollm2_one_pass_equals_brute_force():
     """Real SmolLM2 fp32, 2 prompts: residual reading at the last layer, normed at a middle one
     (1 + 9 forwards per layer for the brute force)."""
     model, tok = smollm()
-    dirs = _dirs(model)
+    dirs = random_directions(model)
     batch = prompt_batch(tok, emotions=("anger", "fear"))
     batch["emotion"] = torch.tensor([0, 3])
     for reading, layers in (("residual", (29,)), ("normed", (14,))):

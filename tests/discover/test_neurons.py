@@ -8,19 +8,9 @@ from emokernels import Intervention, patch
 from emokernels.discover.neurons import (NeuronAccumulator, NeuronScores, direction_tensors, forward,
                                          neuron_betas, neuron_contributions, run_collectors, sev_units, unit_batches)
 from emokernels.models import Adapter
-from tests.helpers import prompt_batch, random_directions, smollm, tiny
+from tests.helpers import emotion_batch, prompt_batch, random_directions, smollm, tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-
-_dirs = random_directions
-
-
-def _batch(tok, emotions=(0, 3, 5)):
-    b = prompt_batch(tok)
-    b["emotion"] = torch.tensor(emotions)
-    return b
 
 
 def _mlp_out_at_readout(model, batch, layers):
@@ -34,7 +24,7 @@ def _mlp_out_at_readout(model, batch, layers):
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_contributions_sum_to_mlp_output_projection(family):
     model, tok = tiny(family)
-    dirs, batch = _dirs(model), _batch(tok)
+    dirs, batch = random_directions(model), emotion_batch(tok)
     layers = tuple(range(Adapter.of(model).num_layers))
     out = neuron_contributions(model, batch, dirs, layers)
     F = _mlp_out_at_readout(model, batch, layers)
@@ -48,7 +38,7 @@ def test_gemma_decomposition_is_exact_for_pre_norm_mlp_output():
     """Gemma: F = post_ffw_norm(W_D a); the c_j sum to ⟨W_D a, v⟩ (down_proj output), not ⟨F, v⟩."""
     model, tok = tiny("gemma2")
     a = Adapter.of(model)
-    dirs, batch = _dirs(model), _batch(tok)
+    dirs, batch = random_directions(model), emotion_batch(tok)
     got = {}
     hooks = [a.sites(l).down_proj.register_forward_hook(lambda m, i, o, l=l: got.__setitem__(l, o))
              for l in range(a.num_layers)]
@@ -68,8 +58,8 @@ def test_gemma_decomposition_is_exact_for_pre_norm_mlp_output():
 
 def test_streaming_accumulator_equals_per_sample_statistics():
     model, tok = tiny("llama")
-    dirs = _dirs(model, 1)
-    b1, b2 = _batch(tok, (0, 3, 0)), _batch(tok, (2, 0, 3))
+    dirs = random_directions(model, 1)
+    b1, b2 = emotion_batch(tok, (0, 3, 0)), emotion_batch(tok, (2, 0, 3))
     acc = NeuronAccumulator(model, dirs)
     run_collectors(model, [b1, b2], [acc], progress=False)
     res = acc.result()
@@ -89,7 +79,7 @@ def test_streaming_accumulator_equals_per_sample_statistics():
 
 def test_beta_is_down_proj_transpose_times_direction():
     model, _ = tiny("qwen2")
-    dirs = _dirs(model)
+    dirs = random_directions(model)
     a = Adapter.of(model)
     beta = neuron_betas(model, dirs, (1, 3))
     assert beta.shape == (2, 6, a.intermediate_size)
@@ -99,9 +89,9 @@ def test_beta_is_down_proj_transpose_times_direction():
 
 def test_rankings_csv_and_roundtrip(tmp_path):
     model, tok = tiny("llama")
-    dirs = _dirs(model)
+    dirs = random_directions(model)
     acc = NeuronAccumulator(model, dirs)
-    run_collectors(model, [_batch(tok)], [acc], progress=False)
+    run_collectors(model, [emotion_batch(tok)], [acc], progress=False)
     res = acc.result()
     rank = res.ranking()
     for i in range(len(res.layers)):
@@ -125,9 +115,9 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match=r"dirs_mlp must be \[L, 6, d\]"):
         NeuronAccumulator(model, torch.zeros(4, 6, 10))
     with pytest.raises(IndexError, match="out of range"):
-        NeuronAccumulator(model, _dirs(model), layers=(7,))
+        NeuronAccumulator(model, random_directions(model), layers=(7,))
     with pytest.raises(ValueError, match="'emotion'"):
-        acc = NeuronAccumulator(model, _dirs(model))
+        acc = NeuronAccumulator(model, random_directions(model))
         run_collectors(model, [prompt_batch(tok)], [acc], progress=False)
     with pytest.raises(ValueError, match=r"\[2, L, 6, d\]"):
         direction_tensors(torch.zeros(3, 4, 6, 64))
@@ -159,7 +149,7 @@ def test_sev_unit_batches_are_group_major_with_targets():
 @pytest.mark.slow
 def test_smollm2_fp32_contributions_sum_exactly():
     model, tok = smollm()
-    dirs, batch = _dirs(model), _batch(tok)
+    dirs, batch = random_directions(model), emotion_batch(tok)
     layers = (0, 15, 29)
     out = neuron_contributions(model, batch, dirs, layers)
     F = _mlp_out_at_readout(model, batch, layers)
@@ -172,7 +162,7 @@ def test_functions_accept_an_emotion_directions_object():
     from emokernels.discover.directions import EmotionDirections
 
     model, tok = tiny("llama")
-    v = torch.stack([_dirs(model, 0), _dirs(model, 1)])
+    v = torch.stack([random_directions(model, 0), random_directions(model, 1)])
     d = EmotionDirections(directions=v, sigma=torch.ones(2, 4), norms=torch.ones(2, 4, 6))
     torch.testing.assert_close(neuron_betas(model, d), neuron_betas(model, v[1]))
     torch.testing.assert_close(neuron_betas(model, v), neuron_betas(model, v[1]))
@@ -182,7 +172,7 @@ def _save_random_directions(model, folder):
     from emokernels.discover.directions import EmotionDirections
 
     a = Adapter.of(model)
-    v = torch.stack([_dirs(model, 0), _dirs(model, 1)])
+    v = torch.stack([random_directions(model, 0), random_directions(model, 1)])
     EmotionDirections(directions=v, sigma=torch.ones(2, a.num_layers), norms=torch.ones(2, a.num_layers, 6),
                       model="tiny-llama").save(folder)
     return v
@@ -222,7 +212,7 @@ def test_discover_components_resumes_after_a_crash(tmp_path, monkeypatch, capsys
     from emokernels.discover.components_cli import discover_components
 
     model, tok = tiny("llama")
-    v = torch.stack([_dirs(model, 0), _dirs(model, 1)])
+    v = torch.stack([random_directions(model, 0), random_directions(model, 1)])
     units = sev_units(load_split("train", 1))
     kw = dict(batch_size=4, checkpoint_every=1, fingerprint="abc", progress=False)
     ref = discover_components(model, tok, units, v[0], v[1], **kw)
