@@ -552,11 +552,11 @@ _PREFIX_COPIES = "emokernels_prefix_copies"
 
 @contextlib.contextmanager
 def _attention_implementation(config, name: str):
-    """Switch the attention modules reading ``config`` to the registered implementation ``name``, restored on exit."""
+    """Register :func:`prefix_copy_attention` as ``name`` and switch the attention modules reading
+    ``config`` to it; the previous implementation is restored on exit, errors included."""
     from transformers import AttentionInterface
 
-    if name not in AttentionInterface._global_mapping:
-        AttentionInterface.register(name, prefix_copy_attention)
+    AttentionInterface.register(name, prefix_copy_attention)  # idempotent: a global name -> function map
     old = config._attn_implementation
     config._attn_implementation = name
     try:

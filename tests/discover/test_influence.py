@@ -115,6 +115,24 @@ def test_prefix_copy_attention_rejects_a_mask_and_a_missing_prefix():
         prefix_copy_attention(None, q, q, q, torch.zeros(1, 1, 3, 3), prefix_kv=(q, q))
 
 
+def test_staged_layout_restores_the_attention_implementation_on_error(monkeypatch):
+    model, tok = tiny("llama")
+    dirs, sigma = _setup(model, E=1)
+    v_ref, u = reference_directions(dirs)
+    mlp = model.model.layers[2].mlp
+    forward = mlp.forward
+
+    def broken(x):  # fails inside the staged passes, where the copies' attention is switched in
+        if model.config._attn_implementation == "emokernels_prefix_copies":
+            raise RuntimeError("boom")
+        return forward(x)
+
+    monkeypatch.setattr(mlp, "forward", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        influence_fast(model, _prompts(tok)[:1], u, sigma, v_ref, layout="staged", alphas=(0.5,), progress=False)
+    assert model.config._attn_implementation == "sdpa"
+
+
 def test_staged_layout_needs_a_llama_like_layer():
     model, tok = tiny("gemma2")
     dirs, sigma = _setup(model, E=1)
