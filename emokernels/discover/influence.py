@@ -455,7 +455,8 @@ def influence_fast(model, prompts, u: torch.Tensor, sigma: torch.Tensor, v_ref: 
             bar.update()
             last = ids[:, T0:]
             if layout == "staged":
-                r, base = _staged_group(plan, backbone, cache, last, T0, all_deltas, memb, s_inj, chunk)
+                with _attention_implementation(plan.adapter.layers[0].self_attn.config, _PREFIX_COPIES):
+                    r, base = _staged_group(plan, backbone, cache, last, T0, all_deltas, memb, s_inj, chunk)
                 s_base += (base * memb).sum(0)
                 calls, rows = calls + r[0], rows + r[1]
                 bar.update(1 + n_chunks)
@@ -594,27 +595,26 @@ def _run_staged(plan, backbone, cache, T0: int, G: int, entries, clean_m, clean_
     cos, sin = backbone.rotary_emb(clean_m.to(dt), pos_all)  # every copy sits at t*
     layer_rows = 0
     first = min(l for (_, l) in entries)
-    with _attention_implementation(a.layers[0].self_attn.config, _PREFIX_COPIES):
-        for l in range(first, a.num_layers):
-            layer = a.layers[l]
-            if X is not None:
-                n = X.shape[1]
-                M = _attention_half(layer, X, cache.layers[l], T0, cos[:, :n], sin[:, :n])
-                layer_rows += n
-            else:
-                M = None
-            new = entries.get((0, l))
-            if new:
-                add = clean_m[:, l, None, :] + deltas[new][None]  # [G, k, d], fp32
-                M = add.to(dt) if M is None else torch.cat([M, add.to(dt)], 1)
-                order += new
-            if M is not None:
-                X = _mlp_half(layer, M)
-            new = entries.get((1, l))
-            if new:
-                add = (clean_h[:, l, None, :] + deltas[new][None]).to(dt)
-                X = add if X is None else torch.cat([X, add], 1)
-                order += new
+    for l in range(first, a.num_layers):
+        layer = a.layers[l]
+        if X is not None:
+            n = X.shape[1]
+            M = _attention_half(layer, X, cache.layers[l], T0, cos[:, :n], sin[:, :n])
+            layer_rows += n
+        else:
+            M = None
+        new = entries.get((0, l))
+        if new:
+            add = clean_m[:, l, None, :] + deltas[new][None]  # [G, k, d], fp32
+            M = add.to(dt) if M is None else torch.cat([M, add.to(dt)], 1)
+            order += new
+        if M is not None:
+            X = _mlp_half(layer, M)
+        new = entries.get((1, l))
+        if new:
+            add = (clean_h[:, l, None, :] + deltas[new][None]).to(dt)
+            X = add if X is None else torch.cat([X, add], 1)
+            order += new
     h = backbone.norm(X)
     out = torch.empty_like(h)
     out[:, torch.tensor(order, device=dev)] = h
@@ -623,7 +623,8 @@ def _run_staged(plan, backbone, cache, T0: int, G: int, entries, clean_m, clean_
 
 def _staged_group(plan, backbone, cache, last, T0, all_deltas, memb, s_inj, chunk):
     """One group of equal-length prompts (prefix already in ``cache``): the clean pass, then the
-    injected copies in chunks. Adds into ``s_inj``; returns ((calls, rows), base scores [G, E])."""
+    injected copies in chunks. Adds into ``s_inj``; returns ((calls, rows), base scores [G, E]).
+    Runs with the attention switched to :func:`prefix_copy_attention`."""
     a = plan.adapter
     G, dev = last.shape[0], plan.device
     # clean pass, layer by layer, keeping m_ℓ and h_{ℓ+1} of the readout token
@@ -631,11 +632,10 @@ def _staged_group(plan, backbone, cache, last, T0, all_deltas, memb, s_inj, chun
     cos, sin = backbone.rotary_emb(X, torch.full((G, 1), T0, device=dev))
     clean_m = torch.empty(G, a.num_layers, plan.d, dtype=torch.float32, device=dev)
     clean_h = torch.empty_like(clean_m)
-    with _attention_implementation(a.layers[0].self_attn.config, _PREFIX_COPIES):
-        for l, layer in enumerate(a.layers):
-            M = _attention_half(layer, X, cache.layers[l], T0, cos, sin)
-            X = _mlp_half(layer, M)
-            clean_m[:, l], clean_h[:, l] = M[:, 0].float(), X[:, 0].float()
+    for l, layer in enumerate(a.layers):
+        M = _attention_half(layer, X, cache.layers[l], T0, cos, sin)
+        X = _mlp_half(layer, M)
+        clean_m[:, l], clean_h[:, l] = M[:, 0].float(), X[:, 0].float()
     base = (backbone.norm(X)[:, 0].float() @ plan.v_ref.T).double().cpu()  # [G, E]
     calls, rows = 1, G
     N = all_deltas.shape[0]  # injected copies (copy 0, the baseline, is the clean pass)
