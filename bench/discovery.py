@@ -12,7 +12,8 @@
 
     python bench/discovery.py --model smollm2-135m --peak --cost
 
-Results go to bench/results/discovery-<date>.md, with the date, commit and versions.
+Results go to bench/results/discovery-<date>.md (and .csv: every table, long format), with the
+date, commit and versions.
 """
 from __future__ import annotations
 
@@ -274,6 +275,30 @@ def memory_lines(model_name: str, model, mem: dict) -> list[str]:
     return lines
 
 
+def tables_to_csv(markdown: str, path: Path, info: dict) -> None:
+    """Every Markdown table of the report as CSV rows, long format: section, row, column, value
+    (the report's tables differ in columns), plus date/commit/versions on each row."""
+    import csv
+
+    section, header, rows = "", None, []
+    for line in markdown.splitlines():
+        if line.startswith("#"):
+            section, header = line.lstrip("# ").strip(), None
+        elif line.startswith("|") and not set(line) <= set("|-: "):
+            cells = [c.strip().strip("*") for c in line.strip().strip("|").split("|")]
+            if header is None:
+                header = cells
+            else:
+                rows += [dict(section=section, row=cells[0], column=col, value=val) for col, val in zip(header[1:], cells[1:])]
+        elif not line.startswith("|"):
+            header = None
+    keys = ["date", "commit", "card", "torch", "transformers"]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["section", "row", "column", "value"] + keys)
+        w.writeheader()
+        w.writerows({**r, **{k: info[k] for k in keys}} for r in rows)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
@@ -310,6 +335,7 @@ def main(argv=None):
         lines += [""] + discovery_cost(a.model, a.cost_skeletons, a.cost_emotions)
     out = Path(a.out or Path(__file__).resolve().parent / "results" / f"discovery-{_dt.date.today().isoformat()}.md")
     out.write_text("\n".join(lines) + "\n")
+    tables_to_csv(out.read_text(), out.with_name(out.name.removesuffix(".md") + ".csv"), info)
     print(out.read_text())
 
 
