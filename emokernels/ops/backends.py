@@ -43,6 +43,7 @@ __all__ = [
     "native_fn",
     "warn_once",
     "cuda_stream_ptr",
+    "stream_args",
     "opt_ptr",
     "contiguous",
     "f32_contiguous",
@@ -133,6 +134,11 @@ def triton_interpreting() -> bool:
 def cuda_stream_ptr(t: torch.Tensor) -> int:
     """The current CUDA stream of ``t``'s device as an integer (for the CUDA launchers)."""
     return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def stream_args(backend: str, t: torch.Tensor) -> tuple:
+    """The trailing launcher arguments of a native backend: the CUDA stream of ``t`` for ``cuda``, none for ``cpu``."""
+    return (cuda_stream_ptr(t),) if backend == "cuda" else ()
 
 
 def native_fn(backend: str, name: str) -> Callable | None:

@@ -24,10 +24,12 @@ Returns ``P`` or, with ``copy_rows=True``, ``(P, rows)``.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
-from .backends import DTYPE_CODE, cuda_stream_ptr, native_fn, resolve_backend, trace_reference
+from .backends import DTYPE_CODE, native_fn, resolve_backend, stream_args, trace_reference
 
 try:
     import triton
@@ -96,24 +98,14 @@ def _run_triton(h, directions, index, P, rows):
                                   num_warps=4)
 
 
-def _run_cpu(h, directions, index, P, rows):
-    fn = native_fn("cpu", "capture_project")
+def _run_native(backend, h, directions, index, P, rows):
+    fn = native_fn(backend, "capture_project")
     if fn is None:
         return _run_reference(h, directions, index, P, rows)
     B, T, d = h.shape
     fn(P.data_ptr(), rows.data_ptr() if rows is not None else 0, h.data_ptr(),
        directions.data_ptr(), index.data_ptr(), B, T, d, directions.shape[0],
-       DTYPE_CODE[h.dtype], DTYPE_CODE[directions.dtype])
-
-
-def _run_cuda(h, directions, index, P, rows):
-    fn = native_fn("cuda", "capture_project")
-    if fn is None:
-        return _run_reference(h, directions, index, P, rows)
-    B, T, d = h.shape
-    fn(P.data_ptr(), rows.data_ptr() if rows is not None else 0, h.data_ptr(),
-       directions.data_ptr(), index.data_ptr(), B, T, d, directions.shape[0],
-       DTYPE_CODE[h.dtype], DTYPE_CODE[directions.dtype], cuda_stream_ptr(h))
+       DTYPE_CODE[h.dtype], DTYPE_CODE[directions.dtype], *stream_args(backend, h))
 
 
 def _run_reference(h, directions, index, P, rows):
@@ -123,7 +115,8 @@ def _run_reference(h, directions, index, P, rows):
         rows.copy_(res[1])
 
 
-_RUNNERS = {"reference": _run_reference, "cpu": _run_cpu, "triton": _run_triton, "cuda": _run_cuda}
+_RUNNERS = {"reference": _run_reference, "cpu": functools.partial(_run_native, "cpu"), "triton": _run_triton,
+            "cuda": functools.partial(_run_native, "cuda")}
 
 
 def _forward(backend: str, h, directions, index, copy_rows: bool, P=None, rows=None):

@@ -31,10 +31,12 @@ autograd; returns ``h``).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
-from .backends import DTYPE_CODE, cuda_stream_ptr, native_fn, resolve_backend, trace_reference
+from .backends import DTYPE_CODE, native_fn, resolve_backend, stream_args, trace_reference
 
 try:  # Triton is optional (CPU-only installs)
     import triton
@@ -108,25 +110,14 @@ def _run_triton(h, table, row_idx, strength, pos_mask, rms_scale, eps, out):
 # --------------------------------------------------------------------------------------------
 # native backends
 # --------------------------------------------------------------------------------------------
-def _run_cpu(h, table, row_idx, strength, pos_mask, rms_scale, eps, out):
-    fn = native_fn("cpu", "gather_add")
+def _run_native(backend, h, table, row_idx, strength, pos_mask, rms_scale, eps, out):
+    fn = native_fn(backend, "gather_add")
     if fn is None:
         return _run_reference(h, table, row_idx, strength, pos_mask, rms_scale, eps, out)
     B, T, d = h.shape
     fn(out.data_ptr(), h.data_ptr(), table.data_ptr(), row_idx.data_ptr(), strength.data_ptr(),
        pos_mask.data_ptr(), B, T, d, table.shape[0], DTYPE_CODE[h.dtype], DTYPE_CODE[table.dtype],
-       bool(rms_scale), float(eps))
-    return out
-
-
-def _run_cuda(h, table, row_idx, strength, pos_mask, rms_scale, eps, out):
-    fn = native_fn("cuda", "gather_add")
-    if fn is None:
-        return _run_reference(h, table, row_idx, strength, pos_mask, rms_scale, eps, out)
-    B, T, d = h.shape
-    fn(out.data_ptr(), h.data_ptr(), table.data_ptr(), row_idx.data_ptr(), strength.data_ptr(),
-       pos_mask.data_ptr(), B, T, d, table.shape[0], DTYPE_CODE[h.dtype], DTYPE_CODE[table.dtype],
-       bool(rms_scale), float(eps), cuda_stream_ptr(h))
+       bool(rms_scale), float(eps), *stream_args(backend, h))
     return out
 
 
@@ -137,7 +128,8 @@ def _run_reference(h, table, row_idx, strength, pos_mask, rms_scale, eps, out):
     return out.copy_(res)
 
 
-_RUNNERS = {"reference": _run_reference, "cpu": _run_cpu, "triton": _run_triton, "cuda": _run_cuda}
+_RUNNERS = {"reference": _run_reference, "cpu": functools.partial(_run_native, "cpu"), "triton": _run_triton,
+            "cuda": functools.partial(_run_native, "cuda")}
 
 
 def _forward(backend: str, h, table, row_idx, strength, pos_mask, rms_scale, eps, out=None):

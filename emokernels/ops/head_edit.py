@@ -39,12 +39,14 @@ converted). ``inplace=True`` writes into ``z`` and touches only the selected sli
 """
 from __future__ import annotations
 
+import functools
+
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .backends import (DTYPE_CODE, contiguous, cuda_stream_ptr, f32_contiguous, native_fn, opt_ptr, resolve_backend,
+from .backends import (DTYPE_CODE, contiguous, f32_contiguous, native_fn, opt_ptr, resolve_backend, stream_args,
                        trace_reference)
 
 try:  # Triton is optional (CPU-only installs)
@@ -146,27 +148,15 @@ def _run_triton(z, head_index, hd, scale, add, row_idx, strength, pos_mask, out)
 # --------------------------------------------------------------------------------------------
 # native backends
 # --------------------------------------------------------------------------------------------
-def _run_cpu(z, head_index, hd, scale, add, row_idx, strength, pos_mask, out):
-    fn = native_fn("cpu", "head_edit")
+def _run_native(backend, z, head_index, hd, scale, add, row_idx, strength, pos_mask, out):
+    fn = native_fn(backend, "head_edit")
     if fn is None:
         return _run_reference(z, head_index, hd, scale, add, row_idx, strength, pos_mask, out)
     B, T, D = z.shape
     E = (scale if scale is not None else add).shape[0]
     fn(out.data_ptr(), z.data_ptr(), head_index.data_ptr(), opt_ptr(scale), opt_ptr(add),
        row_idx.data_ptr(), strength.data_ptr(), pos_mask.data_ptr(), B, T, D // hd, hd,
-       head_index.numel(), E, DTYPE_CODE[z.dtype])
-    return out
-
-
-def _run_cuda(z, head_index, hd, scale, add, row_idx, strength, pos_mask, out):
-    fn = native_fn("cuda", "head_edit")
-    if fn is None:
-        return _run_reference(z, head_index, hd, scale, add, row_idx, strength, pos_mask, out)
-    B, T, D = z.shape
-    E = (scale if scale is not None else add).shape[0]
-    fn(out.data_ptr(), z.data_ptr(), head_index.data_ptr(), opt_ptr(scale), opt_ptr(add),
-       row_idx.data_ptr(), strength.data_ptr(), pos_mask.data_ptr(), B, T, D // hd, hd,
-       head_index.numel(), E, DTYPE_CODE[z.dtype], cuda_stream_ptr(z))
+       head_index.numel(), E, DTYPE_CODE[z.dtype], *stream_args(backend, z))
     return out
 
 
@@ -177,7 +167,8 @@ def _run_reference(z, head_index, hd, scale, add, row_idx, strength, pos_mask, o
     return out.copy_(res)
 
 
-_RUNNERS = {"reference": _run_reference, "cpu": _run_cpu, "triton": _run_triton, "cuda": _run_cuda}
+_RUNNERS = {"reference": _run_reference, "cpu": functools.partial(_run_native, "cpu"), "triton": _run_triton,
+            "cuda": functools.partial(_run_native, "cuda")}
 
 
 def _forward(backend: str, z, head_index, hd, scale, add, row_idx, strength, pos_mask, out=None):

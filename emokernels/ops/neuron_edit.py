@@ -43,12 +43,14 @@ tables are converted, a no-op for fp32). ``inplace=True`` writes into ``a`` and 
 """
 from __future__ import annotations
 
+import functools
+
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .backends import (DTYPE_CODE, contiguous, cuda_stream_ptr, f32_contiguous, native_fn, opt_ptr, resolve_backend,
+from .backends import (DTYPE_CODE, contiguous, f32_contiguous, native_fn, opt_ptr, resolve_backend, stream_args,
                        trace_reference)
 
 try:  # Triton is optional (CPU-only installs)
@@ -146,26 +148,15 @@ def _run_triton(a, index, scale, add, row_idx, strength, pos_mask, out):
 # --------------------------------------------------------------------------------------------
 # native backends
 # --------------------------------------------------------------------------------------------
-def _run_cpu(a, index, scale, add, row_idx, strength, pos_mask, out):
-    fn = native_fn("cpu", "neuron_edit")
-    if fn is None:
-        return _run_reference(a, index, scale, add, row_idx, strength, pos_mask, out)
-    B, T, N = a.shape
-    E = (scale if scale is not None else add).shape[0]
-    fn(out.data_ptr(), a.data_ptr(), index.data_ptr(), opt_ptr(scale), opt_ptr(add), row_idx.data_ptr(),
-       strength.data_ptr(), pos_mask.data_ptr(), B, T, N, index.numel(), E, DTYPE_CODE[a.dtype])
-    return out
-
-
-def _run_cuda(a, index, scale, add, row_idx, strength, pos_mask, out):
-    fn = native_fn("cuda", "neuron_edit")
+def _run_native(backend, a, index, scale, add, row_idx, strength, pos_mask, out):
+    fn = native_fn(backend, "neuron_edit")
     if fn is None:
         return _run_reference(a, index, scale, add, row_idx, strength, pos_mask, out)
     B, T, N = a.shape
     E = (scale if scale is not None else add).shape[0]
     fn(out.data_ptr(), a.data_ptr(), index.data_ptr(), opt_ptr(scale), opt_ptr(add), row_idx.data_ptr(),
        strength.data_ptr(), pos_mask.data_ptr(), B, T, N, index.numel(), E, DTYPE_CODE[a.dtype],
-       cuda_stream_ptr(a))
+       *stream_args(backend, a))
     return out
 
 
@@ -176,7 +167,8 @@ def _run_reference(a, index, scale, add, row_idx, strength, pos_mask, out):
     return out.copy_(res)
 
 
-_RUNNERS = {"reference": _run_reference, "cpu": _run_cpu, "triton": _run_triton, "cuda": _run_cuda}
+_RUNNERS = {"reference": _run_reference, "cpu": functools.partial(_run_native, "cpu"), "triton": _run_triton,
+            "cuda": functools.partial(_run_native, "cuda")}
 
 
 def _forward(backend: str, a, index, scale, add, row_idx, strength, pos_mask, out=None):

@@ -115,3 +115,29 @@ def test_public_exports():
     for name in ("gather_add", "capture_project", "resolve_backend"):
         assert callable(getattr(ops, name))
     assert "neuron_edit" in ops.__all__ and "head_edit" in ops.__all__
+
+
+def _launcher_inputs(op: str):
+    """Small valid arguments of each op's ``_run_native`` (after the backend name)."""
+    z, rows, s, mask = torch.randn(1, 2, 8), torch.tensor([1]), torch.ones(1), torch.ones(1, 2, dtype=torch.bool)
+    return {
+        "head_edit": (z, torch.tensor([1]), 4, torch.ones(2, 1), torch.ones(2, 1, 4), rows, s, mask, torch.empty_like(z)),
+        "neuron_edit": (z, torch.tensor([3]), torch.ones(2, 1), torch.ones(2, 1), rows, s, mask, torch.empty_like(z)),
+        "gather_add": (z, torch.randn(2, 8), rows, s, mask, False, 1e-6, torch.empty_like(z)),
+        "capture_project": (z, torch.randn(3, 8), torch.tensor([1]), torch.empty(1, 3), torch.empty(1, 8)),
+    }[op]
+
+
+@pytest.mark.parametrize("op", ["head_edit", "neuron_edit", "gather_add", "capture_project"])
+def test_cuda_launcher_gets_the_cpu_arguments_plus_the_stream(op, monkeypatch):
+    """One ``_run_native`` serves both native modules; the CUDA binding takes the stream last."""
+    import importlib
+
+    mod = importlib.import_module(f"emokernels.ops.{op}")
+    calls = {}
+    monkeypatch.setattr(mod, "native_fn", lambda backend, name: lambda *a: calls.setdefault((backend, name), a))
+    monkeypatch.setattr(backends, "cuda_stream_ptr", lambda t: 12345)
+    args = _launcher_inputs(op)
+    for backend in ("cpu", "cuda"):
+        mod._RUNNERS[backend](*args)
+    assert calls[("cuda", op)] == calls[("cpu", op)] + (12345,)
