@@ -16,7 +16,7 @@ median over rounds of the *paired* ratio against the unpatched model measured in
   emk_fused_bias   the circuit compiled to per-layer bias vectors (exact, §8.5), fused gather_add
   folded_bias      the static floor: the same biases folded into down_proj/o_proj as bias
                    parameters (all positions; no per-row emotions) — what an edit costs at best
-  pyvene / nnsight / repeng  the same steering edit through those libraries, when importable
+  pyvene / nnsight / repeng / steering-vectors  the same steering edit through those libraries, when importable
 
 With ``--compile MODE`` the decode step is also timed under ``torch.compile(mode=MODE)`` with a
 static KV cache (eager prefill, compiled decode: what transformers' generate does), for the
@@ -366,13 +366,44 @@ def _repeng_steer(model, wl: Workload):
         cm.unwrap()
 
 
+def _steering_vectors_module():
+    """steering-vectors' ``steering_vector`` module. steering-vectors 0.12.2 pins transformers<5 and its
+    package ``__init__`` imports scikit-learn (for training aggregators); applying a vector needs only
+    torch, so the module is imported under a stub package that skips that ``__init__``."""
+    import importlib.util
+    import types
+
+    spec = importlib.util.find_spec("steering_vectors")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("No module named 'steering_vectors'")
+    name = "_emk_bench_steering_vectors"
+    if name not in sys.modules:
+        pkg = types.ModuleType(name)
+        pkg.__path__ = list(spec.submodule_search_locations)
+        sys.modules[name] = pkg
+    return importlib.import_module(f"{name}.steering_vector")
+
+
+@contextlib.contextmanager
+def _steering_vectors_steer(model, wl: Workload):
+    """steering-vectors: a SteeringVector of α·v̄ per steered decoder block, applied at the last
+    position (``token_indices=slice(-1, None)``), its hook adding in place (no rms-scaled addition)."""
+    sv = _steering_vectors_module()
+    dt = next(model.parameters()).dtype
+    vec = sv.SteeringVector({l: (wl.alpha * wl.dirs[l][0]).to(dt) for l in wl.steer_layers}, "decoder_block")
+    with vec.apply(model, min_token_index=None, token_indices=slice(-1, None)):  # apply() defaults min_token_index=0
+        yield model
+
+
 def _third_party(model, wl: Workload) -> dict:
-    """pyvene / nnsight / repeng doing the steering edit, when they import; else a note why not."""
+    """pyvene / nnsight / repeng / steering-vectors doing the steering edit, when they import; else a
+    note why not."""
     out = {}
     for name, mod, factory in (("pyvene_steer", "pyvene", _pyvene_steer), ("nnsight_steer", "nnsight", _nnsight_steer),
-                               ("repeng_steer", "repeng", _repeng_steer)):
+                               ("repeng_steer", "repeng", _repeng_steer),
+                               ("steering_vectors_steer", "steering_vectors", _steering_vectors_steer)):
         try:
-            _repeng_control() if mod == "repeng" else __import__(mod)
+            {"repeng": _repeng_control, "steering_vectors": _steering_vectors_module}.get(mod, lambda: __import__(mod))()
         except Exception as e:  # noqa: BLE001
             note = f"{mod}: not benchmarked ({type(e).__name__}: {str(e)[:80]})"
             if note not in NOTES:
