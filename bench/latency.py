@@ -26,6 +26,7 @@ table then also gives every decode time against the *fastest* unpatched setup (e
 a tool whose hooks cannot be compiled pays the lost compile / CUDA-graph speed-up there.
 
 Run ``python bench/latency.py --help``. Writes ``bench/results/<machine>-<date>.csv`` and ``.md``.
+The alternatives are optional; ``bench/requirements-alternatives.txt`` says how to install them.
 """
 from __future__ import annotations
 
