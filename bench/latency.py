@@ -330,20 +330,27 @@ def _pyvene_steer(model, wl: Workload):
         del pvm
 
 
+def _submodule_skipping_init(package: str, module: str):
+    """``package.module`` of an installed package, imported under a stub parent package so that the
+    package's own ``__init__`` never runs (cached in ``sys.modules`` like any import)."""
+    import importlib.util
+    import types
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"No module named {package!r}")
+    stub = f"_emk_bench_{package}"
+    if stub not in sys.modules:
+        pkg = types.ModuleType(stub)
+        pkg.__path__ = list(spec.submodule_search_locations)
+        sys.modules[stub] = pkg
+    return importlib.import_module(f"{stub}.{module}")
+
+
 def _repeng_control():
     """repeng's ``control`` module. repeng 0.4.0 (the newest on PyPI) pins numpy<2 and its package
-    ``__init__`` fails under numpy 2 (``np.float_``, in ``extract``); ``control`` itself needs only
-    torch, so it is loaded from the installed package directly."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("repeng")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("No module named 'repeng'")
-    path = Path(list(spec.submodule_search_locations)[0]) / "control.py"
-    mspec = importlib.util.spec_from_file_location("repeng_control", path)
-    mod = importlib.util.module_from_spec(mspec)
-    mspec.loader.exec_module(mod)
-    return mod
+    ``__init__`` fails under numpy 2 (``np.float_``, in ``extract``); ``control`` needs only torch."""
+    return _submodule_skipping_init("repeng", "control")
 
 
 @contextlib.contextmanager
@@ -370,19 +377,8 @@ def _repeng_steer(model, wl: Workload):
 def _steering_vectors_module():
     """steering-vectors' ``steering_vector`` module. steering-vectors 0.12.2 pins transformers<5 and its
     package ``__init__`` imports scikit-learn (for training aggregators); applying a vector needs only
-    torch, so the module is imported under a stub package that skips that ``__init__``."""
-    import importlib.util
-    import types
-
-    spec = importlib.util.find_spec("steering_vectors")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("No module named 'steering_vectors'")
-    name = "_emk_bench_steering_vectors"
-    if name not in sys.modules:
-        pkg = types.ModuleType(name)
-        pkg.__path__ = list(spec.submodule_search_locations)
-        sys.modules[name] = pkg
-    return importlib.import_module(f"{name}.steering_vector")
+    torch."""
+    return _submodule_skipping_init("steering_vectors", "steering_vector")
 
 
 @contextlib.contextmanager
@@ -400,11 +396,13 @@ def _third_party(model, wl: Workload) -> dict:
     """pyvene / nnsight / repeng / steering-vectors doing the steering edit, when they import; else a
     note why not."""
     out = {}
-    for name, mod, factory in (("pyvene_steer", "pyvene", _pyvene_steer), ("nnsight_steer", "nnsight", _nnsight_steer),
-                               ("repeng_steer", "repeng", _repeng_steer),
-                               ("steering_vectors_steer", "steering_vectors", _steering_vectors_steer)):
+    alternatives = (("pyvene_steer", "pyvene", lambda: __import__("pyvene"), _pyvene_steer),
+                    ("nnsight_steer", "nnsight", lambda: __import__("nnsight"), _nnsight_steer),
+                    ("repeng_steer", "repeng", _repeng_control, _repeng_steer),
+                    ("steering_vectors_steer", "steering_vectors", _steering_vectors_module, _steering_vectors_steer))
+    for name, mod, importer, factory in alternatives:
         try:
-            {"repeng": _repeng_control, "steering_vectors": _steering_vectors_module}.get(mod, lambda: __import__(mod))()
+            importer()
         except Exception as e:  # noqa: BLE001
             note = f"{mod}: not benchmarked ({type(e).__name__}: {str(e)[:80]})"
             if note not in NOTES:

@@ -455,7 +455,7 @@ def influence_fast(model, prompts, u: torch.Tensor, sigma: torch.Tensor, v_ref: 
             bar.update()
             last = ids[:, T0:]
             if layout == "staged":
-                with _attention_implementation(plan.adapter.layers[0].self_attn.config, _PREFIX_COPIES):
+                with _prefix_copies_attention(plan.adapter.layers[0].self_attn.config):
                     r, base = _staged_group(plan, backbone, cache, last, T0, all_deltas, memb, s_inj, chunk)
                 s_base += (base * memb).sum(0)
                 calls, rows = calls + r[0], rows + r[1]
@@ -552,14 +552,14 @@ _PREFIX_COPIES = "emokernels_prefix_copies"
 
 
 @contextlib.contextmanager
-def _attention_implementation(config, name: str):
-    """Register :func:`prefix_copy_attention` as ``name`` and switch the attention modules reading
-    ``config`` to it; the previous implementation is restored on exit, errors included."""
+def _prefix_copies_attention(config):
+    """Register :func:`prefix_copy_attention` and switch the attention modules reading ``config`` to
+    it; the previous implementation is restored on exit, errors included."""
     from transformers import AttentionInterface
 
-    AttentionInterface.register(name, prefix_copy_attention)  # idempotent: a global name -> function map
+    AttentionInterface.register(_PREFIX_COPIES, prefix_copy_attention)  # idempotent: a global name -> function map
     old = config._attn_implementation
-    config._attn_implementation = name
+    config._attn_implementation = _PREFIX_COPIES
     try:
         yield
     finally:
