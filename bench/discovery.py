@@ -9,6 +9,8 @@
    vs one batch per emotion (what hook libraries with one global edit need), same total rows.
 3. ``--cost``: head scores (one pass vs zeroing each head) and sublayer influence (prefix reuse
    vs one full forward per injection) against the paper's procedure, same prompts, fp32.
+   ``--cost-family gemma2`` times a random-weight model of that family with ``--model``'s shape
+   and tokenizer instead (families without an offline checkpoint here).
 
     python bench/discovery.py --model smollm2-135m --peak --cost
 
@@ -136,12 +138,28 @@ def heterogeneous(model, tok, batch: int, rounds: int) -> dict:
                 speedup=statistics.median([b / a for a, b in zip(one, split)]))
 
 
-def discovery_cost(model_name: str, n_skeletons: int, emotions: int) -> list[str]:
+def random_like(model, family: str):
+    """A seeded random-weight fp32 model of ``family`` (a transformers model_type) with ``model``'s
+    depth, widths and head counts."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    c = model.config
+    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    cfg = AutoConfig.for_model(family, vocab_size=c.vocab_size, hidden_size=c.hidden_size,
+                               intermediate_size=c.intermediate_size, num_hidden_layers=c.num_hidden_layers,
+                               num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
+                               head_dim=hd, query_pre_attn_scalar=hd, max_position_embeddings=8192)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).float().eval()
+
+
+def discovery_cost(model_name: str, n_skeletons: int, emotions: int, family: str | None = None) -> list[str]:
     """Head scores and sublayer influence, emokernels vs the paper's procedure, same prompts, fp32.
 
     Random unit directions stand in for real ones (the cost does not depend on their values).
     Heads: one pass per batch vs 1 + L·H ablation passes per batch. Influence: the prefix-reusing
-    fast paths (tree, staged) vs one full forward per (emotion, sublayer, α).
+    fast paths (tree, staged) vs one full forward per (emotion, sublayer, α). ``family``: time a
+    random model of that family with ``model_name``'s shape (:func:`random_like`) instead.
     """
     from emokernels.data.prompts import chat_messages, render
     from emokernels.discover.heads import head_scores, head_scores_bruteforce
@@ -149,6 +167,8 @@ def discovery_cost(model_name: str, n_skeletons: int, emotions: int) -> list[str
     from emokernels.discover.neurons import sev_units, unit_batches
 
     model, tok = load(model_name, dtype=torch.float32)
+    if family:
+        model, model_name = random_like(model, family), f"random {family} of {model_name}'s shape"
     a = Adapter.of(model)
     g = torch.Generator().manual_seed(0)
     dirs = torch.nn.functional.normalize(torch.randn(2, a.num_layers, 6, a.hidden_size, generator=g), dim=-1)
@@ -309,6 +329,8 @@ def main(argv=None):
     p.add_argument("--cost", action="store_true", help="also time heads and influence against the paper's procedure")
     p.add_argument("--cost-skeletons", type=int, default=2, help="train skeletons for --cost (3 prompts each)")
     p.add_argument("--cost-emotions", type=int, default=6, help="emotions for the influence part of --cost (default: all six, as discovery runs it)")
+    p.add_argument("--cost-only", action="store_true", help="only --cost (no memory, no heterogeneous batch)")
+    p.add_argument("--cost-family", default=None, help="--cost on a random model of this family (e.g. gemma2) with --model's shape")
     p.add_argument("--peak", action="store_true", help="also measure the peak memory of each capture (subprocesses)")
     p.add_argument("--peak-prompts", type=int, default=TRAIN_PROMPTS, help="prompts for --peak (default: the train split)")
     p.add_argument("--out", default=None, help="results file (default: bench/results/discovery-<date>.md)")
@@ -316,23 +338,23 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.peak_child:
         return peak_child(a.model, a.peak_child, a.peak_prompts)
-    model, tok = load(a.model, dtype=torch.bfloat16)
-    mem = capture_memory(model, tok, a.prompts)
     from latency import machine_info
 
     info = machine_info(torch.device("cpu"))
-    lines = [f"# Discovery memory and heterogeneous batches — {a.model}, {info['card']}", "",
-             f"date {info['date']}, commit {info['commit']}, torch {info['torch']}, transformers {info['transformers']}",
-             ""] + memory_lines(a.model, model, mem)
-    if not a.no_hetero:
+    lines = [f"# Discovery {'cost' if a.cost_only else 'memory and heterogeneous batches'} — {a.model}, {info['card']}",
+             "", f"date {info['date']}, commit {info['commit']}, torch {info['torch']}, transformers {info['transformers']}"]
+    if not a.cost_only:
+        model, tok = load(a.model, dtype=torch.bfloat16)
+        lines += [""] + memory_lines(a.model, model, capture_memory(model, tok, a.prompts))
+    if not (a.no_hetero or a.cost_only):
         het = heterogeneous(model, tok, a.batch, a.rounds)
         lines += ["", f"## Heterogeneous batch", "", f"{het['batch']} rows x 96 tokens, six emotions, fused steering, "
                   f"prefill: one batch {het['one_batch_ms']:.1f} ms vs one batch per emotion {het['per_emotion_ms']:.1f} ms "
                   f"(median paired speed-up {het['speedup']:.2f}x)."]
-    if a.peak:
+    if a.peak and not a.cost_only:
         lines += [""] + peak_memory(a.model, a.peak_prompts)
-    if a.cost:
-        lines += [""] + discovery_cost(a.model, a.cost_skeletons, a.cost_emotions)
+    if a.cost or a.cost_only:
+        lines += [""] + discovery_cost(a.model, a.cost_skeletons, a.cost_emotions, a.cost_family)
     out = Path(a.out or Path(__file__).resolve().parent / "results" / f"discovery-{_dt.date.today().isoformat()}.md")
     out.write_text("\n".join(lines) + "\n")
     tables_to_csv(out.read_text(), out.with_name(out.name.removesuffix(".md") + ".csv"), info)

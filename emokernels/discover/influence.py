@@ -22,23 +22,25 @@ Three ways to compute it, all returning an :class:`InfluenceResult`:
   numbers are the same).
 * :func:`influence_fast` — every position before t* is untouched by the injection, so the prefix
   (prompt minus its last token) is prefilled **once** into a KV cache and only the readout token
-  is re-run, once per injection, all injections batched. Two layouts:
+  is re-run, once per injection, all injections batched. Three layouts:
 
-  - ``layout="tree"`` (default): the N injected copies of the readout token are N *query tokens*
+  - ``layout="tree"``: the N injected copies of the readout token are N *query tokens*
     of one sequence that share the prefix cache. A 4-D additive attention mask lets each copy
     see the prefix and itself only, and all copies get the position id of t*. Nothing is
     replicated; the cache grows by N keys per chunk and is cropped back after it.
   - ``layout="batch"``: the prefix cache is replicated along the batch (``batch_repeat_interleave``)
     and the copies run as ordinary batched one-token decode steps.
-  - ``layout="staged"`` (``"auto"`` picks it for the Llama-like families): as ``tree``, and a copy
+  - ``layout="staged"`` (what ``"auto"`` picks, every family): as ``tree``, and a copy
     also skips the layers below its injection. Below sublayer (p, ℓ) a copy *is* the clean readout
     token, so one clean pass stores m_ℓ[t*] and h_{ℓ+1}[t*] for every ℓ; copy j then enters at
     its sublayer as ``clean state + δ_j`` and runs only the rest of the network (the attention
     half of layer ℓ is skipped for an mlp injection too). The decoder layers are run half by half
-    (input norm, attention, add; post-attention norm, MLP, add), each layer with the rows that
-    have entered by then: ≈ half the token-layer rows of ``tree``. The copies attend to the
-    prefix cache and to themselves only (:func:`prefix_copy_attention`), so no n × n copy-copy
-    block of masked scores is computed and the cache is never written.
+    (input norm, attention, [Gemma's post-attention norm,] add; MLP norm, MLP, [post-MLP norm,]
+    add), each layer with the rows that have entered by then: ≈ half the token-layer rows of
+    ``tree``. The copies attend to the prefix cache and to themselves only
+    (:func:`prefix_copy_attention`, which also applies sliding windows and Gemma 2's logit
+    soft-cap), so no n × n copy-copy block of masked scores is computed and the cache is never
+    written.
 
   Cost per prompt: one prefill of T−1 tokens plus N = 1 + E·|P|·L·|α| single-token rows, instead
   of N full prompts (≈T× fewer token-rows; T ≈ 80 for chat prompts); ``staged`` halves the rows.
@@ -59,6 +61,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import math
 import time
 from dataclasses import dataclass, field
@@ -394,9 +397,11 @@ def influence_fast(model, prompts, u: torch.Tensor, sigma: torch.Tensor, v_ref: 
       cropped after each chunk. δ is added to copy j's row of A_ℓ / F_ℓ by a forward hook.
     * ``layout="batch"``: the cache is deep-copied and repeated to G·n rows, one token each.
 
+    * ``layout="staged"`` (``"auto"``): see the module docstring.
+
     Scores are read from the backbone's last_hidden_state (the final-norm output ĥ); the LM
-    head is never run. Models with a sliding window shorter than a prompt fall back to
-    ``layout="batch"`` (``stats["layout"]`` says which ran).
+    head is never run. ``layout="tree"`` falls back to ``"batch"`` on models with a sliding
+    window shorter than a prompt (``stats["layout"]`` says which ran).
 
     Precision: I is a difference of scores divided by a small dose, so run it in fp32 as the
     paper does; in bf16 both this and the naive loop are dominated by rounding noise (measured on
@@ -422,16 +427,9 @@ def influence_fast(model, prompts, u: torch.Tensor, sigma: torch.Tensor, v_ref: 
         site_of.setdefault((p, l), []).append(j)
     site_of = {k: torch.tensor(v) for k, v in site_of.items()}
 
-    from ..patch.fused_layers import FUSABLE_FAMILIES
-
-    if layout in ("auto", "staged") and plan.adapter.family not in FUSABLE_FAMILIES:
-        if layout == "staged":
-            raise ValueError(f"layout='staged' needs a Llama-like layer (no norm between sublayer and residual): "
-                             f"{plan.adapter.family!r} is not one of {FUSABLE_FAMILIES}; use 'tree' or 'auto'")
-        layout = "tree"
     layout = "staged" if layout == "auto" else layout
     window = getattr(model.config, "sliding_window", None)
-    if (layout in ("tree", "staged") and window is not None and getattr(model.config, "use_sliding_window", True) is not False
+    if (layout == "tree" and window is not None and getattr(model.config, "use_sliding_window", True) is not False
             and max(len(s) for s in seqs) > window):
         layout = "batch"  # a custom 4-D mask would bypass the sliding-window mask; replicated rows keep it
     groups: dict[int, list[int]] = {}
@@ -515,7 +513,7 @@ def _tree_mask(G: int, n: int, T0: int, dtype, dev) -> torch.Tensor:
 
 
 def prefix_copy_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
-                          prefix_kv=None, **kwargs):
+                          prefix_kv=None, sliding_window=None, softcap=None, **kwargs):
     r"""Attention of n one-token copies that share a prompt prefix and never see each other.
 
     Copy j attends to the T0 prefix positions and to itself:
@@ -524,7 +522,9 @@ def prefix_copy_attention(module, query, key, value, attention_mask=None, scalin
 
     which is what a [n, T0 + n] additive "tree" mask gives, without the n × n copy-copy block
     (the copies outnumber the prefix tokens ~10:1, so that block was most of the attention work).
-    Grouped-query heads share K/V: head h reads kv head h // (H / KVH).
+    Grouped-query heads share K/V: head h reads kv head h // (H / KVH). With a ``sliding_window``
+    W a copy sees only the last W − 1 prefix positions (HF's window: key i is visible from query t
+    when i > t − W); with ``softcap`` c the scaled scores become c·tanh(s / c) (Gemma 2).
 
     Shapes: ``query`` [G, H, n, hd]; ``key``, ``value`` [G, KVH, n, hd] (each copy's own, after
     rotary); ``prefix_kv`` = (K, V), each [G, KVH, T0, hd]. Returns ([G, n, H, hd], None), the
@@ -537,13 +537,18 @@ def prefix_copy_attention(module, query, key, value, attention_mask=None, scalin
     if attention_mask is not None or dropout:
         raise ValueError("prefix_copy_attention takes no attention mask and no dropout")
     K, V = prefix_kv
+    if sliding_window is not None and K.shape[2] > sliding_window - 1:
+        K, V = K[:, :, K.shape[2] - sliding_window + 1:], V[:, :, V.shape[2] - sliding_window + 1:]
     G, H, n, hd = query.shape
     kvh, T0 = K.shape[1], K.shape[2]
     scaling = hd ** -0.5 if scaling is None else scaling
     q = query.reshape(G, kvh, H // kvh, n, hd)
     s_prefix = torch.matmul(q.reshape(G, kvh, -1, hd), K.transpose(-1, -2)).reshape(G, kvh, H // kvh, n, T0)
     s_self = (q * key[:, :, None]).sum(-1, keepdim=True)  # [G, KVH, H/KVH, n, 1]
-    p = torch.softmax(torch.cat([s_prefix, s_self], -1).float() * scaling, dim=-1).to(query.dtype)
+    scores = torch.cat([s_prefix, s_self], -1).float() * scaling
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    p = torch.softmax(scores, dim=-1).to(query.dtype)
     out = torch.matmul(p[..., :T0].reshape(G, kvh, -1, T0), V).reshape_as(q) + p[..., T0:] * value[:, :, None]
     return out.reshape(G, H, n, hd).transpose(1, 2).contiguous(), None
 
@@ -566,16 +571,31 @@ def _prefix_copies_attention(config):
         config._attn_implementation = old
 
 
-def _attention_half(layer, X, kv, T0: int, cos, sin):
-    """m = X + Attn(norm(X)) for copies X [G, n, d] at t*, over the prefix in cache layer ``kv`` and themselves."""
-    prefix = (kv.keys[:, :, :T0], kv.values[:, :, :T0])
-    return X + layer.self_attn(hidden_states=layer.input_layernorm(X), position_embeddings=(cos, sin),
-                               attention_mask=None, prefix_kv=prefix)[0]
+def _attention_half(a, l: int, X, kv, T0: int, pe):
+    """m = X + A for copies X [G, n, d] at t*, A = attn_post(Attn(norm_in(X))) over the prefix in cache
+    layer ``kv`` and the copies themselves; ``pe`` = (cos, sin) of layer ``l``."""
+    layer = a.layers[l]
+    A = layer.self_attn(hidden_states=layer.input_layernorm(X), position_embeddings=pe, attention_mask=None,
+                        prefix_kv=(kv.keys[:, :, :T0], kv.values[:, :, :T0]))[0]
+    return X + (getattr(layer, a.spec.attn_post)(A) if a.spec.attn_post else A)
 
 
-def _mlp_half(layer, M):
-    """h = M + MLP(norm(M))."""
-    return M + layer.mlp(layer.post_attention_layernorm(M))
+def _mlp_half(a, l: int, M):
+    """h = M + F, F = mlp_post(MLP(norm_mlp(M)))."""
+    layer = a.layers[l]
+    F = layer.mlp(getattr(layer, a.spec.norm_mlp)(M))
+    return M + (getattr(layer, a.spec.mlp_post)(F) if a.spec.mlp_post else F)
+
+
+def _rotary(a, x, position_ids) -> list:
+    """(cos, sin) for every layer: one call per layer type where the rotary takes one (Gemma 3 keeps
+    a local and a global frequency base), else one call shared by all layers."""
+    rotary = a.backbone.rotary_emb
+    types = getattr(a.backbone.config, "layer_types", None)
+    if types and "layer_type" in inspect.signature(rotary.forward).parameters:
+        per_type = {t: rotary(x, position_ids, t) for t in set(types)}
+        return [per_type[t] for t in types[: a.num_layers]]
+    return [rotary(x, position_ids)] * a.num_layers
 
 
 def _run_staged(plan, backbone, cache, T0: int, G: int, entries, clean_m, clean_h, deltas):
@@ -592,14 +612,14 @@ def _run_staged(plan, backbone, cache, T0: int, G: int, entries, clean_m, clean_
     order: list[int] = []
     X = None  # [G, n_active, d], states at the current layer's input
     pos_all = torch.full((G, sum(len(v) for v in entries.values())), T0, device=dev)
-    cos, sin = backbone.rotary_emb(clean_m.to(dt), pos_all)  # every copy sits at t*
+    pe = _rotary(a, clean_m.to(dt), pos_all)  # every copy sits at t*
     layer_rows = 0
     first = min(l for (_, l) in entries)
     for l in range(first, a.num_layers):
-        layer = a.layers[l]
         if X is not None:
             n = X.shape[1]
-            M = _attention_half(layer, X, cache.layers[l], T0, cos[:, :n], sin[:, :n])
+            cos, sin = pe[l]
+            M = _attention_half(a, l, X, cache.layers[l], T0, (cos[:, :n], sin[:, :n]))
             layer_rows += n
         else:
             M = None
@@ -609,7 +629,7 @@ def _run_staged(plan, backbone, cache, T0: int, G: int, entries, clean_m, clean_
             M = add.to(dt) if M is None else torch.cat([M, add.to(dt)], 1)
             order += new
         if M is not None:
-            X = _mlp_half(layer, M)
+            X = _mlp_half(a, l, M)
         new = entries.get((1, l))
         if new:
             add = (clean_h[:, l, None, :] + deltas[new][None]).to(dt)
@@ -628,13 +648,13 @@ def _staged_group(plan, backbone, cache, last, T0, all_deltas, memb, s_inj, chun
     a = plan.adapter
     G, dev = last.shape[0], plan.device
     # clean pass, layer by layer, keeping m_ℓ and h_{ℓ+1} of the readout token
-    X = backbone.embed_tokens(last)
-    cos, sin = backbone.rotary_emb(X, torch.full((G, 1), T0, device=dev))
+    X = backbone.embed_tokens(last)  # Gemma's √d scale lives in its embedding module
+    pe = _rotary(a, X, torch.full((G, 1), T0, device=dev))
     clean_m = torch.empty(G, a.num_layers, plan.d, dtype=torch.float32, device=dev)
     clean_h = torch.empty_like(clean_m)
-    for l, layer in enumerate(a.layers):
-        M = _attention_half(layer, X, cache.layers[l], T0, cos, sin)
-        X = _mlp_half(layer, M)
+    for l in range(a.num_layers):
+        M = _attention_half(a, l, X, cache.layers[l], T0, pe[l])
+        X = _mlp_half(a, l, M)
         clean_m[:, l], clean_h[:, l] = M[:, 0].float(), X[:, 0].float()
     base = (backbone.norm(X)[:, 0].float() @ plan.v_ref.T).double().cpu()  # [G, E]
     calls, rows = 1, G

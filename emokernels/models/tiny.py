@@ -30,7 +30,9 @@ def _config(family: str, vocab: int):
     if family == "gemma2":
         return tf.Gemma2Config(**common, head_dim=16, query_pre_attn_scalar=16, sliding_window=64)
     if family == "gemma3":
-        return tf.Gemma3TextConfig(**common, head_dim=16, query_pre_attn_scalar=16, sliding_window=64)
+        # windowed and global layers alternate (the real model: 5 to 1), each kind with its rotary base
+        return tf.Gemma3TextConfig(**common, head_dim=16, query_pre_attn_scalar=16, sliding_window=64,
+                                   layer_types=["sliding_attention", "full_attention"] * 2)
     if family == "phi3":
         return tf.Phi3Config(**common, pad_token_id=0)
     raise ValueError(f"unknown tiny family {family!r}; choose one of {', '.join(FAMILIES)}")

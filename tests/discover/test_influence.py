@@ -54,9 +54,10 @@ def test_reference_direction_is_unit_and_sign_aligned():
     torch.testing.assert_close(v_ref, ref / ref.norm(dim=-1, keepdim=True))
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3"])
 def test_fast_equals_naive(family):
     model, tok = tiny(family)
+    attn_impl = model.config._attn_implementation
     seqs = _prompts(tok)
     dirs, sigma = _setup(model, E=2)
     v_ref, u = reference_directions(dirs)
@@ -73,8 +74,8 @@ def test_fast_equals_naive(family):
         torch.testing.assert_close(fast.I, naive.I, rtol=1e-4, atol=1e-3)
         assert fast.stats["token_rows"] * 5 < naive.stats["token_rows"]
         rows[fast.stats["layout"]] = fast.stats["token_rows"]
-    assert set(rows) == {"tree", "batch", "staged"}  # auto = staged for the Llama-like families
-    assert model.config._attn_implementation == "sdpa"  # the staged copies' attention was switched back
+    assert set(rows) == {"tree", "batch", "staged"}  # auto = staged
+    assert model.config._attn_implementation == attn_impl  # the staged copies' attention was switched back
     assert rows["staged"] < 0.75 * rows["tree"]  # the layers below each injection are skipped
     assert naive.Ibar.shape == (2, 2, 4) and torch.isfinite(naive.Ibar).all()
     assert naive.I.abs().max() > 1e-2  # the injections do move the score
@@ -115,6 +116,28 @@ def test_prefix_copy_attention_rejects_a_mask_and_a_missing_prefix():
         prefix_copy_attention(None, q, q, q, torch.zeros(1, 1, 3, 3), prefix_kv=(q, q))
 
 
+@pytest.mark.parametrize("window,softcap", [(4, None), (None, 1.5), (3, 0.7), (100, None)])
+def test_prefix_copy_attention_window_and_softcap(window, softcap):
+    """Against the eager formula: scores·scaling, c·tanh(·/c), window mask (key i visible from the
+    copies at t* = T0 when i > T0 − W), softmax."""
+    G, H, kvh, n, T0, hd = 2, 4, 2, 5, 9, 8
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(G, h, n, hd, generator=g) * 2 for h in (H, kvh, kvh))
+    K, V = (torch.randn(G, kvh, T0, hd, generator=g) for _ in range(2))
+    keys = torch.cat([K, k], 2).repeat_interleave(H // kvh, 1)
+    values = torch.cat([V, v], 2).repeat_interleave(H // kvh, 1)
+    s = q @ keys.transpose(-1, -2) * hd ** -0.5
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    visible = torch.cat([torch.ones(n, T0, dtype=torch.bool), torch.eye(n, dtype=torch.bool)], 1)
+    if window:
+        visible[:, :T0] &= torch.arange(T0) > T0 - window
+    ref = (torch.softmax(s.masked_fill(~visible, float("-inf")), -1) @ values).transpose(1, 2)
+    out, _ = prefix_copy_attention(None, q, k, v, scaling=hd ** -0.5, prefix_kv=(K, V), sliding_window=window,
+                                   softcap=softcap)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_staged_layout_restores_the_attention_implementation_on_error(monkeypatch):
     model, tok = tiny("llama")
     dirs, sigma = _setup(model, E=1)
@@ -131,16 +154,6 @@ def test_staged_layout_restores_the_attention_implementation_on_error(monkeypatc
     with pytest.raises(RuntimeError, match="boom"):
         influence_fast(model, _prompts(tok)[:1], u, sigma, v_ref, layout="staged", alphas=(0.5,), progress=False)
     assert model.config._attn_implementation == "sdpa"
-
-
-def test_staged_layout_needs_a_llama_like_layer():
-    model, tok = tiny("gemma2")
-    dirs, sigma = _setup(model, E=1)
-    v_ref, u = reference_directions(dirs)
-    seqs = _prompts(tok)[:1]
-    with pytest.raises(ValueError, match="Llama-like"):
-        influence_fast(model, seqs, u, sigma, v_ref, layout="staged", alphas=(0.5,), progress=False)
-    assert influence_fast(model, seqs, u, sigma, v_ref, alphas=(0.5,), progress=False).stats["layout"] == "tree"
 
 
 def test_fast_subset_of_layers_and_kinds_and_list_input():
@@ -199,15 +212,21 @@ def test_bad_inputs_raise_clear_errors():
         reference_directions(dirs[0])
 
 
-def test_sliding_window_model_falls_back_to_batch_layout():
-    model, tok = tiny("gemma2")  # sliding window 64
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_prompts_longer_than_the_sliding_window(family):
+    """Staged copies see only the window of the prefix (Gemma 2 alternates windowed and global
+    layers and soft-caps the scores; Gemma 3 has windowed layers with their own rotary base);
+    the tree layout falls back to replicated rows, whose mask keeps the window."""
+    model, tok = tiny(family)  # sliding window 64
     long_user = " ".join(USERS * 3)
     seqs = [tok(render(tok, chat_messages(long_user, None)), add_special_tokens=False)["input_ids"]] + _prompts(tok)[:1]
     assert len(seqs[0]) > model.config.sliding_window
     dirs, sigma = _setup(model, E=1)
     v_ref, u = reference_directions(dirs)
     kw = dict(alphas=(0.5,), layers=(0, 3), progress=False)
-    fast = influence_fast(model, seqs, u, sigma, v_ref, **kw)
     naive = influence_naive(model, seqs, u, sigma, v_ref, **kw)
-    assert fast.stats["layout"] == "batch"
-    torch.testing.assert_close(fast.I, naive.I, rtol=1e-4, atol=1e-3, equal_nan=True)
+    for layout, ran in (("auto", "staged"), ("tree", "batch")):
+        fast = influence_fast(model, seqs, u, sigma, v_ref, layout=layout, **kw)
+        assert fast.stats["layout"] == ran
+        torch.testing.assert_close(fast.I, naive.I, rtol=1e-4, atol=1e-3, equal_nan=True)
+        torch.testing.assert_close(fast.s_inj, naive.s_inj, rtol=1e-4, atol=1e-5, equal_nan=True)
