@@ -18,7 +18,7 @@ def _circuit(model, seed=0, scale=3.0, **kw) -> Circuit:
     Ibar = torch.rand(E, 2, L, generator=g)
     C, Ih = torch.randn(L, E, F, generator=g), torch.randn(L, E, H, generator=g)
     da, dz = scale * torch.randn(L, E, F, generator=g), scale * torch.randn(L, E, H * hd, generator=g)
-    return assemble_circuit(Ibar, C, Ih, da, dz, shape=a.describe(), K_total=40, min_mlp=2, min_attn=1, **kw)
+    return assemble_circuit(Ibar, C, Ih, da, dz, shape=a.describe(), **{"K_total": 40, "min_mlp": 2, "min_attn": 1, **kw})
 
 
 def _logits(model, batch):
