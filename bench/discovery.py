@@ -341,7 +341,8 @@ def main(argv=None):
     from latency import machine_info
 
     info = machine_info(torch.device("cpu"))
-    lines = [f"# Discovery {'cost' if a.cost_only else 'memory and heterogeneous batches'} — {a.model}, {info['card']}",
+    what = f"{a.model}" + (f" (--cost: random {a.cost_family} of its shape)" if a.cost_family else "")
+    lines = [f"# Discovery {'cost' if a.cost_only else 'memory and heterogeneous batches'} — {what}, {info['card']}",
              "", f"date {info['date']}, commit {info['commit']}, torch {info['torch']}, transformers {info['transformers']}"]
     if not a.cost_only:
         model, tok = load(a.model, dtype=torch.bfloat16)

@@ -2,9 +2,9 @@
 
 The engine places PyTorch hooks at the adapter's sites and calls the ops in ``emokernels.ops``
 (``backend="reference"`` = pure torch, the oracle; ``"fused"`` = the fastest kernel for the
-tensors' device). With a non-reference backend, edits and reads at the residual points of
-llama-like layers ride inside fused decoder layers instead of hooks
-(``emokernels.patch.fused_layers``: residual add + edit + RMSNorm in one pass). It works with ``model(...)`` and ``model.generate(...)`` with a
+tensors' device). With a non-reference backend, edits and reads at the residual points ride
+inside fused decoder layers instead of hooks (``emokernels.patch.fused_layers``: residual add +
+edit + RMSNorm in one pass). It works with ``model(...)`` and ``model.generate(...)`` with a
 KV cache, with batches that carry different table rows (emotions) and strengths per row, and
 lets gradients flow (every op is out of place).
 

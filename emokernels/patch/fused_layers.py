@@ -1,13 +1,16 @@
 r"""Fused decoder layers: the patch owns the residual adds, as Liger-Kernel patches HF layers.
 
-For the Llama-like families (llama, qwen2, qwen3, mistral, phi3: no norm between a sublayer
-and its residual add) a patched decoder layer's ``forward`` is replaced, per instance, by::
+For every supported family a patched decoder layer's ``forward`` is replaced, per instance, by::
 
     x        = input_layernorm(h)                                   (the module, unchanged)
-    A        = self_attn(x, **kwargs)                               (o_proj hooks still fire)
-    m, n, P  = fused_add_rmsnorm(h, A, edit_mid, γ_post, readout projections)   one pass
-    F        = mlp(n)                                               (down_proj hooks still fire)
+    A        = attn_post(self_attn(x, **kwargs))                    (o_proj hooks still fire)
+    m, n, P  = fused_add_rmsnorm(h, A, edit_mid, γ_mlp, readout projections)   one pass
+    F        = mlp_post(mlp(n))                                     (down_proj hooks still fire)
     h', _, P = fused_add_rmsnorm(m, F, edit_post, gamma=None, readout projections)
+
+``attn_post`` / ``mlp_post`` are Gemma's post-sublayer norms (identity elsewhere; their own
+modules, so hooks on them fire) and γ_mlp the weight of the norm in front of the MLP
+(``post_attention_layernorm``; Gemma's ``pre_feedforward_layernorm``, which scales by 1 + γ).
 
 so additive edits (``add`` / ``add_rms``), readout projections and captures at the two residual
 points ride inside the residual add + RMSNorm pass instead of costing a hook and an extra
@@ -30,8 +33,7 @@ residual, exactly as with hooks); otherwise the whole point stays on hooks, whic
 inside the fused forward (the layer's pre/post hooks and the submodules' hooks all fire).
 Consecutive ``add`` edits with the same positions, rows and strength are summed into one table
 (recomputed when a source table changes in place, and per call when one requires grad); other
-edits at a point run one after another. Gemma's post-norms sit between sublayer and residual:
-those layers are never fused.
+edits at a point run one after another.
 
 Exit restores each layer's ``forward`` attribute exactly (the instance attribute is deleted, or a
 pre-existing one put back), also after an exception, so the model is bitwise what it was. A
@@ -52,7 +54,7 @@ from .spec import Intervention
 
 __all__ = ["FUSABLE_FAMILIES", "FusedLayers", "install_fused_layers"]
 
-FUSABLE_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "phi3")
+FUSABLE_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3_text", "gemma3")
 _MARK = "_emokernels_fused_forward"
 _EDITS = ("add", "add_rms")
 _READS = ("capture", "project")
@@ -197,11 +199,11 @@ def _point_ok(ivs: list[Intervention], phi3_dropout: bool) -> bool:
 # ---------------------------------------------------------------------------------------------
 # the fused forward
 # ---------------------------------------------------------------------------------------------
-def _run_point(pt: _Point | None, be: str, req: str, res, delta, gamma, eps):
+def _run_point(pt: _Point | None, be: str, req: str, res, delta, gamma, eps, gemma: bool = False):
     """Residual add + edits + (norm) + reads at one point; returns (m, n)."""
     op = fused_add_rmsnorm_unchecked
     if pt is None:
-        m, n, _ = op(be, req, res, delta, None, None, None, None, False, gamma, eps, False, None,
+        m, n, _ = op(be, req, res, delta, None, None, None, None, False, gamma, eps, gemma, None,
                      None, EDIT_EPS)
         return m, n
     h = pt.handle
@@ -223,7 +225,7 @@ def _run_point(pt: _Point | None, be: str, req: str, res, delta, gamma, eps):
         if pt.projs and st.prefill:
             dirs = pt.dir0 if pt.dirs is None else pt.dirs.get()
             ro = st.readout
-        m, n, P = op(be, req, res, delta, table, rows, s, mask, rms, gamma, eps, False, dirs, ro,
+        m, n, P = op(be, req, res, delta, table, rows, s, mask, rms, gamma, eps, gemma, dirs, ro,
                      EDIT_EPS)
         if dirs is not None:
             _record(h, pt, P)
@@ -241,7 +243,7 @@ def _run_point(pt: _Point | None, be: str, req: str, res, delta, gamma, eps):
         n = None
         if gamma is not None:
             m, n, _ = op(be, req, m, torch.zeros_like(m), None, None, None, None, False, gamma,
-                         eps, False, None, None, EDIT_EPS)
+                         eps, gemma, None, None, EDIT_EPS)
     for iv in pt.others:
         h._capture(pt.layer, m, iv)
     return m, n
@@ -263,14 +265,16 @@ def _checkpoints_in_forward(layer) -> bool:
     return getattr(getattr(f, "__code__", None), "co_name", "") == "forward_with_checkpointing"
 
 
-def _make_forward(layer, mid: _Point | None, post: _Point | None, be: str, req: str):
+def _make_forward(layer, spec, mid: _Point | None, post: _Point | None, be: str, req: str):
+    from ..models.adapters import Adapter
+
     norm_in = layer.input_layernorm
     attn = layer.self_attn
     mlp = layer.mlp
-    post_norm = layer.post_attention_layernorm
-    from ..models.adapters import Adapter
-
-    eps = Adapter.norm_eps(post_norm)
+    norm_mlp = getattr(layer, spec.norm_mlp)
+    attn_post = getattr(layer, spec.attn_post) if spec.attn_post else None
+    mlp_post = getattr(layer, spec.mlp_post) if spec.mlp_post else None
+    eps = Adapter.norm_eps(norm_mlp)
     drop_a = getattr(layer, "resid_attn_dropout", None)
     drop_m = getattr(layer, "resid_mlp_dropout", None)
     orig = type(layer).forward
@@ -284,10 +288,14 @@ def _make_forward(layer, mid: _Point | None, post: _Point | None, be: str, req: 
     def body(hidden_states, **kwargs):
         x = norm_in(hidden_states)
         A = attn(hidden_states=x, **kwargs)[0]
+        if attn_post is not None:
+            A = attn_post(A)
         if drop_a is not None and drop_a.training and drop_a.p > 0:
             A = drop_a(A)
-        m, n = _run_point(mid, be, req, hidden_states, A, post_norm.weight, eps)
+        m, n = _run_point(mid, be, req, hidden_states, A, norm_mlp.weight, eps, spec.gemma_norm)
         F = mlp(n)
+        if mlp_post is not None:
+            F = mlp_post(F)
         if drop_m is not None and drop_m.training and drop_m.p > 0:
             F = drop_m(F)
         return _run_point(post, be, req, m, F, None, eps)[0]
@@ -364,7 +372,7 @@ def install_fused_layers(handle, by_site: dict) -> FusedLayers:
                     keys |= {(s, l) for s in sites if (s, l) in by_site}
             if not points:
                 continue
-            fl._swap(layer, _make_forward(layer, points.get("mid"), points.get("post"), be, req))
+            fl._swap(layer, _make_forward(layer, a.spec, points.get("mid"), points.get("post"), be, req))
             fl.keys |= keys
     except BaseException:
         fl.remove()

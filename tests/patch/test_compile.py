@@ -106,3 +106,15 @@ def test_static_cache_eager_decode_matches_dynamic_cache(model_ids):
             dyn.append(o.logits[:, -1])
             cache = o.past_key_values
     torch.testing.assert_close(static, torch.stack(dyn), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["steer", "bias"])
+def test_compiled_fused_gemma_decode_equals_eager(kind):
+    """Gemma's fused layers (post-sublayer norms, 1 + γ norm) compile without a graph break too."""
+    model, _ = tiny("gemma2")
+    ids = torch.randint(10, 400, (B, T), generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    eager = _decode(model, ids, _interventions(kind), "fused", compiled=False)
+    compiled = _decode(model, ids, _interventions(kind), "fused", compiled=True)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    assert (eager - _decode(model, ids, [], "fused", compiled=False)).abs().max() > 1e-3
