@@ -8,9 +8,10 @@ from emokernels.cli import main
 
 
 @pytest.mark.slow
-def test_run_end_to_end_and_resume(tmp_path, capsys):
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gemma2"])
+def test_run_end_to_end_and_resume(tmp_path, capsys, model):
     out = tmp_path / "run"
-    args = ["run", "--model", "tiny-llama", "--dtype", "fp32", "--train-limit", "1", "--test-limit", "1",
+    args = ["run", "--model", model, "--dtype", "fp32", "--train-limit", "1", "--test-limit", "1",
             "--select-limit", "1", "--max-new-tokens", "6", "--texts-per-emotion", "1", "--out", str(out)]
     assert main(args) == 0
     state = json.loads((out / "state.json").read_text())
