@@ -47,12 +47,22 @@ __all__ = [
     "opt_ptr",
     "contiguous",
     "f32_contiguous",
+    "FLOATS",
+    "acc_dtype",
 ]
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 
 #: torch dtype -> dtype code of csrc/include/emk_common.h
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+#: the floating dtypes every op accepts (fp64 runs the reference)
+FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def acc_dtype(*tensors) -> torch.dtype:
+    """The references' arithmetic dtype: fp64 if any given tensor (None skipped) is fp64, else fp32."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 _UNSET = object()
 _cpu: object = _UNSET

@@ -29,7 +29,7 @@ import functools
 import torch
 from torch import Tensor
 
-from .backends import DTYPE_CODE, native_fn, resolve_backend, stream_args, trace_reference
+from .backends import DTYPE_CODE, FLOATS, acc_dtype, native_fn, resolve_backend, stream_args, trace_reference
 
 try:
     import triton
@@ -42,11 +42,6 @@ except Exception:  # pragma: no cover
 __all__ = ["capture_project", "capture_project_reference", "MAX_K"]
 
 MAX_K = 64
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-def _acc_dtype(h: Tensor, directions: Tensor) -> torch.dtype:
-    return torch.float64 if torch.float64 in (h.dtype, directions.dtype) else torch.float32
 
 
 # --------------------------------------------------------------------------------------------
@@ -55,7 +50,7 @@ def _acc_dtype(h: Tensor, directions: Tensor) -> torch.dtype:
 def capture_project_reference(h: Tensor, directions: Tensor, index: Tensor,
                               copy_rows: bool = False):
     """Pure-torch capture_project (fp32 accumulation; fp64 if an input is fp64)."""
-    acc = _acc_dtype(h, directions)
+    acc = acc_dtype(h, directions)
     rows = h[torch.arange(h.shape[0], device=h.device), index]    # [B, d] (a copy)
     P = rows.to(acc) @ directions.to(acc).t()                     # [B, K]
     return (P, rows) if copy_rows else P
@@ -151,7 +146,7 @@ def _forward(backend: str, h, directions, index, copy_rows: bool, P=None, rows=N
 # autograd
 # --------------------------------------------------------------------------------------------
 def _backward(grad_P, grad_rows, h, directions, index, need_h, need_dir):
-    acc = _acc_dtype(h, directions)
+    acc = acc_dtype(h, directions)
     B = h.shape[0]
     ar = torch.arange(B, device=h.device)
     grad_h = grad_dir = None
@@ -202,7 +197,7 @@ def _capture_project_op(h: Tensor, directions: Tensor, index: Tensor, copy_rows:
 @_capture_project_op.register_fake
 def _(h, directions, index, copy_rows, backend):
     B, _, d = h.shape
-    P = h.new_empty((B, directions.shape[0]), dtype=_acc_dtype(h, directions))
+    P = h.new_empty((B, directions.shape[0]), dtype=acc_dtype(h, directions))
     rows = h.new_empty((B, d)) if copy_rows else h.new_empty((0,))
     return P, rows
 
@@ -240,7 +235,7 @@ def _check(h, directions, index):
     if index.shape != (B,):
         raise ValueError(f"capture_project: index must be [B]; index has shape "
                          f"{tuple(index.shape)}, h has shape {tuple(h.shape)}")
-    if h.dtype not in _FLOATS or directions.dtype not in _FLOATS:
+    if h.dtype not in FLOATS or directions.dtype not in FLOATS:
         raise TypeError(f"capture_project: h and directions must be fp32/bf16/fp16 (fp64: "
                         f"reference only); got h {h.dtype}, directions {directions.dtype}")
     if index.dtype != torch.int64:

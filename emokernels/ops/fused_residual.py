@@ -56,7 +56,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backends import DTYPE_CODE, cuda_stream_ptr, native_fn, resolve_backend, trace_reference, warn_once
+from .backends import (DTYPE_CODE, FLOATS, acc_dtype, cuda_stream_ptr, native_fn, resolve_backend, trace_reference,
+                       warn_once)
 from .capture_project import capture_project_reference
 from .gather_add import gather_add_reference
 
@@ -73,12 +74,6 @@ __all__ = ["fused_add_rmsnorm", "fused_add_rmsnorm_reference", "MAX_K", "CUDA_MA
 MAX_K = 64
 CUDA_MAX_D = 16384
 EDIT_EPS = 1e-12
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-def _acc_dtype(*tensors) -> torch.dtype:
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) \
-        else torch.float32
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,7 +95,7 @@ def fused_add_rmsnorm_reference(residual: Tensor, delta: Tensor, table: Optional
         m = gather_add_reference(m, table, row_idx, strength, pos_mask, rms_scale, edit_eps)
     n = None
     if gamma is not None:
-        acc = _acc_dtype(m, gamma)
+        acc = acc_dtype(m, gamma)
         x = m.to(acc)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
         if gemma:
@@ -315,7 +310,7 @@ def _forward_tensors(*args):
 def _backward(gm, gn, gP, residual, delta, table, row_idx, strength, pos_mask, rms_scale, gamma,
               eps, gemma, directions, readout, edit_eps, needs):
     """Grads for (residual, delta, table, strength, gamma, directions); ``needs`` the 6 flags."""
-    acc = _acc_dtype(residual, delta, table, gamma, directions,
+    acc = acc_dtype(residual, delta, table, gamma, directions,
                      gm if gm is not None and gm.numel() else None)
     m0 = (residual + delta).to(acc)
     d = m0.shape[-1]
@@ -479,7 +474,7 @@ def _check(residual, delta, table, row_idx, strength, pos_mask, gamma, direction
         raise ValueError(f"{name}: residual and delta must be [B, T, d] of one shape; got "
                          f"{tuple(residual.shape)} and {tuple(delta.shape)}")
     B, T, d = residual.shape
-    if residual.dtype not in _FLOATS or delta.dtype not in _FLOATS:
+    if residual.dtype not in FLOATS or delta.dtype not in FLOATS:
         raise TypeError(f"{name}: residual and delta must be fp32/bf16/fp16 (fp64: reference "
                         f"only); got {residual.dtype}, {delta.dtype}")
     dev = residual.device
@@ -493,7 +488,7 @@ def _check(residual, delta, table, row_idx, strength, pos_mask, gamma, direction
         if table.dim() != 2 or table.shape[1] != d:
             raise ValueError(f"{name}: table must be [E, d] with d = {d}; table has shape "
                              f"{tuple(table.shape)}, residual has shape {tuple(residual.shape)}")
-        if table.dtype not in _FLOATS:
+        if table.dtype not in FLOATS:
             raise TypeError(f"{name}: table must be a float tensor, got {table.dtype}")
         if row_idx is None or strength is None or pos_mask is None:
             raise ValueError(f"{name}: an edit (table=) needs row_idx, strength and pos_mask")
@@ -506,14 +501,14 @@ def _check(residual, delta, table, row_idx, strength, pos_mask, gamma, direction
         if pos_mask.shape != (B, T) or pos_mask.dtype != torch.bool:
             raise ValueError(f"{name}: pos_mask must be bool [B={B}, T={T}]; got "
                              f"{pos_mask.dtype} {tuple(pos_mask.shape)}")
-    if gamma is not None and (gamma.shape != (d,) or gamma.dtype not in _FLOATS):
+    if gamma is not None and (gamma.shape != (d,) or gamma.dtype not in FLOATS):
         raise ValueError(f"{name}: gamma must be a float [d={d}] tensor; got {gamma.dtype} "
                          f"{tuple(gamma.shape)}")
     if directions is not None:
         if directions.dim() != 2 or directions.shape[1] != d or not 1 <= directions.shape[0] <= MAX_K:
             raise ValueError(f"{name}: directions must be [K, d={d}] with 1 <= K <= {MAX_K}; got "
                              f"{tuple(directions.shape)}")
-        if directions.dtype not in _FLOATS:
+        if directions.dtype not in FLOATS:
             raise TypeError(f"{name}: directions must be a float tensor, got {directions.dtype}")
         if readout is None or readout.shape != (B,) or readout.dtype != torch.int64:
             raise ValueError(f"{name}: projections need readout, int64 [B={B}]; got "

@@ -36,7 +36,7 @@ import functools
 import torch
 from torch import Tensor
 
-from .backends import DTYPE_CODE, native_fn, resolve_backend, stream_args, trace_reference
+from .backends import DTYPE_CODE, FLOATS, native_fn, resolve_backend, stream_args, trace_reference
 
 try:  # Triton is optional (CPU-only installs)
     import triton
@@ -47,8 +47,6 @@ except Exception:  # pragma: no cover - exercised only without triton
     _HAS_TRITON = False
 
 __all__ = ["gather_add", "gather_add_reference"]
-
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,7 +246,7 @@ def _check(h, table, row_idx, strength, pos_mask):
     if pos_mask.shape != (B, T):
         raise ValueError(f"gather_add: pos_mask must be [B, T]; pos_mask has shape "
                          f"{tuple(pos_mask.shape)}, h has shape {tuple(h.shape)}")
-    if h.dtype not in _FLOATS or table.dtype not in _FLOATS:
+    if h.dtype not in FLOATS or table.dtype not in FLOATS:
         raise TypeError(f"gather_add: h and table must be fp32/bf16/fp16 (fp64: reference only); "
                         f"got h {h.dtype}, table {table.dtype}")
     if row_idx.dtype != torch.int64:

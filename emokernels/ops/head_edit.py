@@ -46,8 +46,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backends import (DTYPE_CODE, contiguous, f32_contiguous, native_fn, opt_ptr, resolve_backend, stream_args,
-                       trace_reference)
+from .backends import (DTYPE_CODE, FLOATS, acc_dtype, contiguous, f32_contiguous, native_fn, opt_ptr, resolve_backend,
+                       stream_args, trace_reference)
 
 try:  # Triton is optional (CPU-only installs)
     import triton
@@ -58,13 +58,6 @@ except Exception:  # pragma: no cover - exercised only without triton
     _HAS_TRITON = False
 
 __all__ = ["head_edit", "head_edit_reference"]
-
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-def _acc_dtype(*tensors) -> torch.dtype:
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) \
-        else torch.float32
 
 
 # --------------------------------------------------------------------------------------------
@@ -79,7 +72,7 @@ def head_edit_reference(z: Tensor, head_index: Tensor, head_dim: int,
     """
     B, T, D = z.shape
     hd = int(head_dim)
-    acc = _acc_dtype(z, scale_table, add_table, strength)
+    acc = acc_dtype(z, scale_table, add_table, strength)
     z4 = z.reshape(B, T, D // hd, hd)
     x = z4.index_select(2, head_index)                                   # [B, T, n, hd]
     y = x.to(acc)
@@ -198,7 +191,7 @@ def _backward(grad, z, head_index, hd, scale, add, row_idx, strength, pos_mask, 
         grad_z = grad_z.to(z.dtype)
     if need_scale or need_add or need_strength:
         B, T, D = z.shape
-        acc = _acc_dtype(z, scale, add, strength, grad)
+        acc = acc_dtype(z, scale, add, strength, grad)
         n = head_index.numel()
         m = pos_mask.to(acc)[..., None, None]                                  # [B, T, 1, 1]
         G = grad.reshape(B, T, D // hd, hd).index_select(2, head_index).to(acc) * m  # [B,T,n,hd]
@@ -310,7 +303,7 @@ def _check(z, head_index, hd, scale, add, row_idx, strength, pos_mask):
             raise ValueError(f"head_edit: add_table must be [E, n, head_dim] = [E, {n}, {hd}] "
                              f"(same E as scale_table); got {tuple(add.shape)}")
     for name, t in (("scale_table", scale), ("add_table", add)):
-        if t is not None and t.dtype not in _FLOATS:
+        if t is not None and t.dtype not in FLOATS:
             raise TypeError(f"head_edit: {name} must be a float tensor, got {t.dtype}")
     if row_idx.shape != (B,) or row_idx.dtype != torch.int64:
         raise ValueError(f"head_edit: row_idx must be int64 [B={B}], got {row_idx.dtype} "
@@ -321,7 +314,7 @@ def _check(z, head_index, hd, scale, add, row_idx, strength, pos_mask):
     if pos_mask.shape != (B, T) or pos_mask.dtype != torch.bool:
         raise ValueError(f"head_edit: pos_mask must be bool [B={B}, T={T}], got "
                          f"{pos_mask.dtype} {tuple(pos_mask.shape)}")
-    if z.dtype not in _FLOATS:
+    if z.dtype not in FLOATS:
         raise TypeError(f"head_edit: z must be fp32/bf16/fp16 (fp64: reference only), got {z.dtype}")
     dev = z.device
     for name, t in (("head_index", head_index), ("scale_table", scale), ("add_table", add),

@@ -50,8 +50,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backends import (DTYPE_CODE, contiguous, f32_contiguous, native_fn, opt_ptr, resolve_backend, stream_args,
-                       trace_reference)
+from .backends import (DTYPE_CODE, FLOATS, acc_dtype, contiguous, f32_contiguous, native_fn, opt_ptr, resolve_backend,
+                       stream_args, trace_reference)
 
 try:  # Triton is optional (CPU-only installs)
     import triton
@@ -62,13 +62,6 @@ except Exception:  # pragma: no cover - exercised only without triton
     _HAS_TRITON = False
 
 __all__ = ["neuron_edit", "neuron_edit_reference"]
-
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-def _acc_dtype(*tensors) -> torch.dtype:
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) \
-        else torch.float32
 
 
 # --------------------------------------------------------------------------------------------
@@ -82,7 +75,7 @@ def neuron_edit_reference(a: Tensor, index: Tensor, scale_table: Optional[Tensor
     Differentiable in ``a``, ``scale_table``, ``add_table`` and ``strength`` through torch
     autograd (``index_copy``).
     """
-    acc = _acc_dtype(a, scale_table, add_table, strength)
+    acc = acc_dtype(a, scale_table, add_table, strength)
     x = a.index_select(-1, index)                                     # [B, T, n]
     y = x.to(acc)
     if scale_table is not None:
@@ -200,7 +193,7 @@ def _backward(grad, a, index, scale, add, row_idx, strength, pos_mask, need, gra
         grad_a = grad_a_fn(grad) if scale is not None else grad
         grad_a = grad_a.to(a.dtype)
     if need_scale or need_add or need_strength:
-        acc = _acc_dtype(a, scale, add, strength, grad)
+        acc = acc_dtype(a, scale, add, strength, grad)
         m = pos_mask.to(acc)[..., None]                              # [B, T, 1]
         G = grad.index_select(-1, index).to(acc) * m                 # [B, T, n]
         E = (scale if scale is not None else add).shape[0]
@@ -303,7 +296,7 @@ def _check(a, index, scale, add, row_idx, strength, pos_mask):
             raise ValueError(f"neuron_edit: {name} must be [E, n] with n = len(index) = {n} "
                              f"(and the same E for both tables); got {tuple(t.shape)}")
         E = t.shape[0]
-        if t.dtype not in _FLOATS:
+        if t.dtype not in FLOATS:
             raise TypeError(f"neuron_edit: {name} must be a float tensor, got {t.dtype}")
     if row_idx.shape != (B,) or row_idx.dtype != torch.int64:
         raise ValueError(f"neuron_edit: row_idx must be int64 [B={B}], got {row_idx.dtype} "
@@ -314,7 +307,7 @@ def _check(a, index, scale, add, row_idx, strength, pos_mask):
     if pos_mask.shape != (B, T) or pos_mask.dtype != torch.bool:
         raise ValueError(f"neuron_edit: pos_mask must be bool [B={B}, T={T}], got "
                          f"{pos_mask.dtype} {tuple(pos_mask.shape)}")
-    if a.dtype not in _FLOATS:
+    if a.dtype not in FLOATS:
         raise TypeError(f"neuron_edit: a must be fp32/bf16/fp16 (fp64: reference only), got {a.dtype}")
     dev = a.device
     for name, t in (("index", index), ("scale_table", scale), ("add_table", add),
