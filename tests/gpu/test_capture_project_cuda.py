@@ -6,19 +6,16 @@ import importlib
 import pytest
 import torch
 
-pytestmark = pytest.mark.gpu
+from tests.gpu.common import BACKENDS, DEV, DTYPES, require_cuda
 
-if not torch.cuda.is_available():  # collected but skipped by tests/conftest.py
-    pytest.skip("no CUDA device", allow_module_level=True)
+pytestmark = pytest.mark.gpu
+require_cuda()
 
 from emokernels.ops import backends  # noqa: E402
 from emokernels.ops.capture_project import capture_project, capture_project_reference  # noqa: E402
 
 cp_mod = importlib.import_module("emokernels.ops.capture_project")
 
-DEV = torch.device("cuda")
-BACKENDS = ["cuda", "triton"]
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (B, T, d, K): decode, k=1, K=64, odd d, d=1, large d, many rows
 SHAPES = [(1, 1, 576, 6), (1, 1, 3072, 6), (8, 128, 576, 6), (2, 3, 77, 1), (3, 5, 3072, 64),
           (2, 2, 1, 3), (2, 4, 8199, 9), (64, 16, 3072, 12)]

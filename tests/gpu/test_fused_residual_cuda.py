@@ -7,10 +7,10 @@ import importlib
 import pytest
 import torch
 
-pytestmark = pytest.mark.gpu
+from tests.gpu.common import BACKENDS, DEV, DTYPES, require_cuda, tol
 
-if not torch.cuda.is_available():  # collected but skipped by tests/conftest.py
-    pytest.skip("no CUDA device", allow_module_level=True)
+pytestmark = pytest.mark.gpu
+require_cuda()
 
 from emokernels import Intervention, patch  # noqa: E402
 from emokernels.ops import backends  # noqa: E402
@@ -20,9 +20,6 @@ from tests.helpers import FUSED_CONFIGS, fused_residual_inputs  # noqa: E402
 
 fr_mod = importlib.import_module("emokernels.ops.fused_residual")
 
-DEV = torch.device("cuda")
-BACKENDS = ["cuda", "triton"]
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (B, T, d): decode at Llama-3.2-3B / 8B width, prefill, odd sizes, d=1, the cuda kernel's largest
 # d (16384) and one past it (falls back to triton with a warning)
 SHAPES = [(1, 1, 3072), (4, 257, 3072), (1, 1, 4096), (2, 3, 77), (2, 2, 1), (1, 4, 577),
@@ -34,14 +31,9 @@ CONFIGS = {k: v for k, v in FUSED_CONFIGS.items() if k != "post_proj"}
 _inputs = functools.partial(fused_residual_inputs, E=6, K=5, device=DEV)
 
 
-def _tol(dtype):
-    return {torch.float32: dict(rtol=1e-5, atol=1e-5),
-            torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2),
-            torch.float16: dict(rtol=2e-3, atol=2e-3)}[dtype]
-
 
 def _compare(out, ref, dtype, d):
-    t = _tol(dtype)
+    t = tol(dtype)
     torch.testing.assert_close(out[0], ref[0], **t)
     if ref[1] is not None:
         torch.testing.assert_close(out[1], ref[1], **t)

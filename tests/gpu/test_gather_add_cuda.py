@@ -6,19 +6,16 @@ import importlib
 import pytest
 import torch
 
-pytestmark = pytest.mark.gpu
+from tests.gpu.common import BACKENDS, DEV, DTYPES, require_cuda, tol
 
-if not torch.cuda.is_available():  # collected but skipped by tests/conftest.py
-    pytest.skip("no CUDA device", allow_module_level=True)
+pytestmark = pytest.mark.gpu
+require_cuda()
 
 from emokernels.ops import backends  # noqa: E402
 from emokernels.ops.gather_add import gather_add, gather_add_reference  # noqa: E402
 
 ga_mod = importlib.import_module("emokernels.ops.gather_add")
 
-DEV = torch.device("cuda")
-BACKENDS = ["cuda", "triton"]
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (B, T, d): decode at SmolLM2 / Llama-3.2-3B width, prefill, odd sizes, d=1, d > one Triton block
 SHAPES = [(1, 1, 576), (1, 1, 3072), (8, 128, 576), (3, 7, 77), (2, 2, 1), (2, 5, 8199),
           (4, 257, 3072)]
@@ -39,9 +36,7 @@ def _inputs(B, T, d, dtype, table_dtype=None, E=6, seed=0):
 
 def _tol(dtype):
     # fp32: the rms is a differently ordered fp32 sum (and Triton's sqrt may be approximate)
-    return {torch.float32: dict(rtol=1e-5, atol=2e-5),
-            torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2),
-            torch.float16: dict(rtol=2e-3, atol=2e-3)}[dtype]
+    return tol(dtype, fp32_atol=2e-5)
 
 
 def test_auto_backend_is_cuda():

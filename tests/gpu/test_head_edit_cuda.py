@@ -6,19 +6,16 @@ import importlib
 import pytest
 import torch
 
-pytestmark = pytest.mark.gpu
+from tests.gpu.common import BACKENDS, DEV, DTYPES, require_cuda, tol
 
-if not torch.cuda.is_available():  # collected but skipped by tests/conftest.py
-    pytest.skip("no CUDA device", allow_module_level=True)
+pytestmark = pytest.mark.gpu
+require_cuda()
 
 from emokernels.ops import backends  # noqa: E402
 from emokernels.ops.head_edit import head_edit, head_edit_reference  # noqa: E402
 
 he_mod = importlib.import_module("emokernels.ops.head_edit")
 
-DEV = torch.device("cuda")
-BACKENDS = ["cuda", "triton"]
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (B, T, H, hd, n): Llama-3.2-3B decode and prefill (24 x 128, up to 12 heads), hd 64 / 40 / 96 /
 # 7 / 1 (non-powers of 2: masked Triton tails, CUDA tiles of 2048 // hd rows), n=0, n=H
 SHAPES = [(1, 1, 24, 128, 12), (4, 257, 24, 128, 12), (2, 33, 16, 64, 5), (2, 3, 6, 40, 2),
@@ -42,11 +39,6 @@ def _inputs(B, T, H, hd, n, dtype, mode="both", E=6, seed=0):
     return (dev[0], dev[1], hd, *dev[2:])
 
 
-def _tol(dtype):
-    return {torch.float32: dict(rtol=1e-5, atol=1e-5),
-            torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2),
-            torch.float16: dict(rtol=2e-3, atol=2e-3)}[dtype]
-
 
 def test_auto_backend_is_cuda():
     backends._reset_for_tests()
@@ -61,7 +53,7 @@ def test_matches_reference(backend, dtype, shape):
     ref = head_edit_reference(*args)
     out = head_edit(*args, backend=backend)
     assert out.dtype == dtype and out.shape == args[0].shape
-    torch.testing.assert_close(out, ref, **_tol(dtype))
+    torch.testing.assert_close(out, ref, **tol(dtype))
     if backend == "cuda":  # fp32 math + one round-to-nearest-even, like the reference
         torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
@@ -71,7 +63,7 @@ def test_matches_reference(backend, dtype, shape):
 def test_table_modes(backend, mode):
     args = _inputs(3, 17, 8, 40, 3, torch.bfloat16, mode)
     torch.testing.assert_close(head_edit(*args, backend=backend), head_edit_reference(*args),
-                               **_tol(torch.bfloat16))
+                               **tol(torch.bfloat16))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -82,11 +74,11 @@ def test_poisoned_output_and_inplace(backend, dtype):
     out = torch.full_like(args[0], float("nan"))
     he_mod._forward(backend, *args, out=out)
     assert not torch.isnan(out).any()
-    torch.testing.assert_close(out, ref, **_tol(dtype))
+    torch.testing.assert_close(out, ref, **tol(dtype))
     z2 = args[0].clone()
     with torch.no_grad():
         assert head_edit(z2, *args[1:], backend=backend, inplace=True) is z2
-    torch.testing.assert_close(z2, ref, **_tol(dtype))
+    torch.testing.assert_close(z2, ref, **tol(dtype))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -117,7 +109,7 @@ def test_grad_matches_autograd_of_reference(backend, dtype):
         fn(lv[0], hidx, hd, lv[1], lv[2], row_idx, lv[3], pos_mask).backward(g)
         grads.append([t.grad for t in lv])
     for x, y in zip(*grads):
-        torch.testing.assert_close(x, y, **_tol(dtype))
+        torch.testing.assert_close(x, y, **tol(dtype))
 
 
 def test_cpu_and_cuda_agree():
@@ -148,4 +140,4 @@ def test_cuda_graph_capture_inplace_decode():
             graph.replay()
             torch.cuda.synchronize()
             ref = head_edit_reference(z0, hidx, hd, scale, add, row_idx, strength, pos_mask)
-            torch.testing.assert_close(buf, ref, **_tol(torch.bfloat16))
+            torch.testing.assert_close(buf, ref, **tol(torch.bfloat16))

@@ -6,19 +6,16 @@ import importlib
 import pytest
 import torch
 
-pytestmark = pytest.mark.gpu
+from tests.gpu.common import BACKENDS, DEV, DTYPES, require_cuda, tol
 
-if not torch.cuda.is_available():  # collected but skipped by tests/conftest.py
-    pytest.skip("no CUDA device", allow_module_level=True)
+pytestmark = pytest.mark.gpu
+require_cuda()
 
 from emokernels.ops import backends  # noqa: E402
 from emokernels.ops.neuron_edit import neuron_edit, neuron_edit_reference  # noqa: E402
 
 ne_mod = importlib.import_module("emokernels.ops.neuron_edit")
 
-DEV = torch.device("cuda")
-BACKENDS = ["cuda", "triton"]
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (B, T, N, n): decode at Llama-3.2-3B width, prefill with the paper's largest layer budget
 # (29 neurons), odd sizes, n=1, n=0, n=N, and a large n over many rows
 SHAPES = [(1, 1, 8192, 29), (4, 257, 8192, 29), (2, 3, 77, 7), (3, 5, 128, 1), (2, 4, 37, 0),
@@ -41,11 +38,6 @@ def _inputs(B, T, N, n, dtype, mode="both", E=6, seed=0):
                  for t in (a, index, scale, add, row_idx, strength, pos_mask))
 
 
-def _tol(dtype):
-    return {torch.float32: dict(rtol=1e-5, atol=1e-5),
-            torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2),
-            torch.float16: dict(rtol=2e-3, atol=2e-3)}[dtype]
-
 
 def test_auto_backend_is_cuda():
     backends._reset_for_tests()
@@ -60,7 +52,7 @@ def test_matches_reference(backend, dtype, shape):
     ref = neuron_edit_reference(*args)
     out = neuron_edit(*args, backend=backend)
     assert out.dtype == dtype and out.shape == args[0].shape
-    torch.testing.assert_close(out, ref, **_tol(dtype))
+    torch.testing.assert_close(out, ref, **tol(dtype))
     if backend == "cuda":  # fp32 math + one round-to-nearest-even, like the reference
         torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
@@ -70,7 +62,7 @@ def test_matches_reference(backend, dtype, shape):
 def test_table_modes(backend, mode):
     args = _inputs(3, 17, 300, 13, torch.bfloat16, mode)
     torch.testing.assert_close(neuron_edit(*args, backend=backend), neuron_edit_reference(*args),
-                               **_tol(torch.bfloat16))
+                               **tol(torch.bfloat16))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -81,11 +73,11 @@ def test_poisoned_output_and_inplace(backend, dtype):
     out = torch.full_like(args[0], float("nan"))
     ne_mod._forward(backend, *args, out=out)
     assert not torch.isnan(out).any()
-    torch.testing.assert_close(out, ref, **_tol(dtype))
+    torch.testing.assert_close(out, ref, **tol(dtype))
     a2 = args[0].clone()
     with torch.no_grad():
         assert neuron_edit(a2, *args[1:], backend=backend, inplace=True) is a2
-    torch.testing.assert_close(a2, ref, **_tol(dtype))
+    torch.testing.assert_close(a2, ref, **tol(dtype))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -114,7 +106,7 @@ def test_grad_matches_autograd_of_reference(backend, dtype):
         fn(lv[0], index, lv[1], lv[2], row_idx, lv[3], pos_mask).backward(g)
         grads.append([t.grad for t in lv])
     for x, y in zip(*grads):
-        torch.testing.assert_close(x, y, **_tol(dtype))
+        torch.testing.assert_close(x, y, **tol(dtype))
 
 
 def test_cpu_and_cuda_agree():
@@ -145,4 +137,4 @@ def test_cuda_graph_capture_inplace_decode():
             graph.replay()
             torch.cuda.synchronize()
             ref = neuron_edit_reference(a0, index, scale, add, row_idx, strength, pos_mask)
-            torch.testing.assert_close(buf, ref, **_tol(torch.bfloat16))
+            torch.testing.assert_close(buf, ref, **tol(torch.bfloat16))
