@@ -120,11 +120,8 @@ class Workload:
                 return (h, *out[1:]) if isinstance(out, tuple) else h
 
             hs.append(self.a.sites(l).layer.register_forward_hook(hook))
-        try:
+        with _removing(hs):
             yield
-        finally:
-            for h in hs:
-                h.remove()
 
     @contextlib.contextmanager
     def hooks_circuit(self, emotion: int = 0):
@@ -151,11 +148,8 @@ class Workload:
 
             hs.append(s.mlp.register_forward_hook(mlp_hook))
             hs.append(s.o_proj.register_forward_pre_hook(o_hook))
-        try:
+        with _removing(hs):
             yield
-        finally:
-            for h in hs:
-                h.remove()
 
     @contextlib.contextmanager
     def folded_bias(self, emotion: int = 0):
@@ -170,6 +164,16 @@ class Workload:
         finally:
             for m in mods:
                 m.bias = None
+
+
+@contextlib.contextmanager
+def _removing(handles):
+    """Remove the hook handles on exit, errors included."""
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 # ---------------------------------------------------------------------------------------------
