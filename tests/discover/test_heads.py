@@ -16,7 +16,7 @@ def _close(one, brute):
     torch.testing.assert_close(one, brute, rtol=1e-4, atol=1e-4 * float(brute.abs().max()))
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "phi3", "gemma2", "gemma3"])
 @pytest.mark.parametrize("reading", ["residual", "normed"])
 def test_one_pass_equals_brute_force(family, reading):
     model, tok = tiny(family)

@@ -21,7 +21,7 @@ def _mlp_out_at_readout(model, batch, layers):
     return {l: h.captures["F"][l][0].float() for l in layers}
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "phi3"])
 def test_contributions_sum_to_mlp_output_projection(family):
     model, tok = tiny(family)
     dirs, batch = random_directions(model), emotion_batch(tok)
@@ -34,9 +34,10 @@ def test_contributions_sum_to_mlp_output_projection(family):
         torch.testing.assert_close(out["c"][:, i].sum(-1), ref, rtol=0, atol=2e-6 * float(scale))
 
 
-def test_gemma_decomposition_is_exact_for_pre_norm_mlp_output():
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_gemma_decomposition_is_exact_for_pre_norm_mlp_output(family):
     """Gemma: F = post_ffw_norm(W_D a); the c_j sum to ⟨W_D a, v⟩ (down_proj output), not ⟨F, v⟩."""
-    model, tok = tiny("gemma2")
+    model, tok = tiny(family)
     a = Adapter.of(model)
     dirs, batch = random_directions(model), emotion_batch(tok)
     got = {}
