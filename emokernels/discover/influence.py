@@ -573,18 +573,19 @@ def _prefix_copies_attention(config):
 
 def _attention_half(a, l: int, X, kv, T0: int, pe):
     """m = X + A for copies X [G, n, d] at t*, A = attn_post(Attn(norm_in(X))) over the prefix in cache
-    layer ``kv`` and the copies themselves; ``pe`` = (cos, sin) of layer ``l``."""
-    layer = a.layers[l]
-    A = layer.self_attn(hidden_states=layer.input_layernorm(X), position_embeddings=pe, attention_mask=None,
-                        prefix_kv=(kv.keys[:, :, :T0], kv.values[:, :, :T0]))[0]
-    return X + (getattr(layer, a.spec.attn_post)(A) if a.spec.attn_post else A)
+    layer ``kv`` and the copies themselves; ``pe`` = (cos, sin) of layer ``l`` at t* ([G, 1, hd]: every
+    copy sits at t*, so one position broadcasts over the n copies)."""
+    s = a.sites(l)
+    A = s.attn(hidden_states=s.norm_in(X), position_embeddings=pe, attention_mask=None,
+               prefix_kv=(kv.keys[:, :, :T0], kv.values[:, :, :T0]))[0]
+    return X + (A if s.attn_post is None else s.attn_post(A))
 
 
 def _mlp_half(a, l: int, M):
     """h = M + F, F = mlp_post(MLP(norm_mlp(M)))."""
-    layer = a.layers[l]
-    F = layer.mlp(getattr(layer, a.spec.norm_mlp)(M))
-    return M + (getattr(layer, a.spec.mlp_post)(F) if a.spec.mlp_post else F)
+    s = a.sites(l)
+    F = s.mlp(s.norm_mlp(M))
+    return M + (F if s.mlp_post is None else s.mlp_post(F))
 
 
 def _rotary(a, x, position_ids) -> list:
@@ -598,29 +599,25 @@ def _rotary(a, x, position_ids) -> list:
     return [rotary(x, position_ids)] * a.num_layers
 
 
-def _run_staged(plan, backbone, cache, T0: int, G: int, entries, clean_m, clean_h, deltas):
+def _run_staged(plan, backbone, cache, T0: int, entries, clean_m, clean_h, pe, deltas):
     """Run copies that enter at their sublayers; returns (ĥ [G, n, d] by local copy index,
     token-layer rows).
 
     ``entries[(p, ℓ)]``: local copy indices entering at sublayer (p, ℓ), in order; ``deltas`` [n, d]
-    (local); ``clean_m``, ``clean_h`` [G, L, d]: the clean readout token's m_ℓ and h_{ℓ+1}. The
-    copies attend to the prefix in ``cache`` and to themselves (:func:`prefix_copy_attention`);
-    the cache is read, never written.
+    (local); ``clean_m``, ``clean_h`` [G, L, d]: the clean readout token's m_ℓ and h_{ℓ+1}; ``pe``:
+    the clean pass's per-layer (cos, sin) at t*. The copies attend to the prefix in ``cache`` and
+    to themselves (:func:`prefix_copy_attention`); the cache is read, never written.
     """
     a = plan.adapter
     dev, dt = plan.device, plan.dtype
     order: list[int] = []
     X = None  # [G, n_active, d], states at the current layer's input
-    pos_all = torch.full((G, sum(len(v) for v in entries.values())), T0, device=dev)
-    pe = _rotary(a, clean_m.to(dt), pos_all)  # every copy sits at t*
     layer_rows = 0
     first = min(l for (_, l) in entries)
     for l in range(first, a.num_layers):
         if X is not None:
-            n = X.shape[1]
-            cos, sin = pe[l]
-            M = _attention_half(a, l, X, cache.layers[l], T0, (cos[:, :n], sin[:, :n]))
-            layer_rows += n
+            M = _attention_half(a, l, X, cache.layers[l], T0, pe[l])
+            layer_rows += X.shape[1]
         else:
             M = None
         new = entries.get((0, l))
@@ -665,7 +662,7 @@ def _staged_group(plan, backbone, cache, last, T0, all_deltas, memb, s_inj, chun
         for j in range(c0, c1):
             e, p, l, ai = plan.inj[j]
             entries.setdefault((p, l), []).append(j - c0)
-        h, layer_rows = _run_staged(plan, backbone, cache, T0, G, entries, clean_m, clean_h, all_deltas[c0:c1].float())
+        h, layer_rows = _run_staged(plan, backbone, cache, T0, entries, clean_m, clean_h, pe, all_deltas[c0:c1].float())
         plan.add_scores(s_inj, h, c0, memb)
         calls, rows = calls + 1, rows + G * layer_rows / a.num_layers
     return (calls, rows), base

@@ -36,6 +36,8 @@ class LayerSites:
     mlp: nn.Module
     down_proj: nn.Module  # input a [.., d_ff]
     mlp_out: nn.Module  # output = F
+    attn_post: nn.Module | None = None  # Gemma's post-attention norm (A = attn_post(W_O z)); None elsewhere
+    mlp_post: nn.Module | None = None  # Gemma's post-MLP norm (F = mlp_post(W_D a)); None elsewhere
 
 
 @dataclass(frozen=True)
@@ -102,16 +104,20 @@ class Adapter:
         L = self.layers[layer]
         s = self.spec
         attn = L.self_attn
+        attn_post = getattr(L, s.attn_post) if s.attn_post else None
+        mlp_post = getattr(L, s.mlp_post) if s.mlp_post else None
         return LayerSites(
             layer=L,
             norm_in=L.input_layernorm,
             attn=attn,
             o_proj=attn.o_proj,
-            attn_out=getattr(L, s.attn_post) if s.attn_post else attn.o_proj,
+            attn_out=attn_post or attn.o_proj,
             norm_mlp=getattr(L, s.norm_mlp),
             mlp=L.mlp,
             down_proj=L.mlp.down_proj,
-            mlp_out=getattr(L, s.mlp_post) if s.mlp_post else L.mlp,
+            mlp_out=mlp_post or L.mlp,
+            attn_post=attn_post,
+            mlp_post=mlp_post,
         )
 
     def kv_head_of(self, head: int) -> int:

@@ -265,15 +265,14 @@ def _checkpoints_in_forward(layer) -> bool:
     return getattr(getattr(f, "__code__", None), "co_name", "") == "forward_with_checkpointing"
 
 
-def _make_forward(layer, spec, mid: _Point | None, post: _Point | None, be: str, req: str):
+def _make_forward(sites, gemma: bool, mid: _Point | None, post: _Point | None, be: str, req: str):
+    """The fused forward of the layer ``sites`` (its :class:`~emokernels.models.adapters.LayerSites`);
+    ``gemma``: the MLP-input norm scales by 1 + γ."""
     from ..models.adapters import Adapter
 
-    norm_in = layer.input_layernorm
-    attn = layer.self_attn
-    mlp = layer.mlp
-    norm_mlp = getattr(layer, spec.norm_mlp)
-    attn_post = getattr(layer, spec.attn_post) if spec.attn_post else None
-    mlp_post = getattr(layer, spec.mlp_post) if spec.mlp_post else None
+    layer = sites.layer
+    norm_in, attn, mlp, norm_mlp = sites.norm_in, sites.attn, sites.mlp, sites.norm_mlp
+    attn_post, mlp_post = sites.attn_post, sites.mlp_post
     eps = Adapter.norm_eps(norm_mlp)
     drop_a = getattr(layer, "resid_attn_dropout", None)
     drop_m = getattr(layer, "resid_mlp_dropout", None)
@@ -292,7 +291,7 @@ def _make_forward(layer, spec, mid: _Point | None, post: _Point | None, be: str,
             A = attn_post(A)
         if drop_a is not None and drop_a.training and drop_a.p > 0:
             A = drop_a(A)
-        m, n = _run_point(mid, be, req, hidden_states, A, norm_mlp.weight, eps, spec.gemma_norm)
+        m, n = _run_point(mid, be, req, hidden_states, A, norm_mlp.weight, eps, gemma)
         F = mlp(n)
         if mlp_post is not None:
             F = mlp_post(F)
@@ -372,7 +371,7 @@ def install_fused_layers(handle, by_site: dict) -> FusedLayers:
                     keys |= {(s, l) for s in sites if (s, l) in by_site}
             if not points:
                 continue
-            fl._swap(layer, _make_forward(layer, a.spec, points.get("mid"), points.get("post"), be, req))
+            fl._swap(layer, _make_forward(a.sites(l), a.spec.gemma_norm, points.get("mid"), points.get("post"), be, req))
             fl.keys |= keys
     except BaseException:
         fl.remove()

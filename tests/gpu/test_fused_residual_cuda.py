@@ -31,7 +31,6 @@ CONFIGS = {k: v for k, v in FUSED_CONFIGS.items() if k != "post_proj"}
 _inputs = functools.partial(fused_residual_inputs, E=6, K=5, device=DEV)
 
 
-
 def _compare(out, ref, dtype, d):
     t = tol(dtype)
     torch.testing.assert_close(out[0], ref[0], **t)
