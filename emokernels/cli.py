@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from .judge.base import JudgeUnavailableError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -32,7 +34,7 @@ def main(argv=None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:  # bad input: a clear message, not a traceback
+    except (ValueError, FileNotFoundError, JudgeUnavailableError) as e:  # bad input or a judge down: one clear line
         print(f"emokernels {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -30,6 +30,16 @@ import torch
 from .io import read_json, read_jsonl, write_json
 
 STAGES = ("generate", "judge", "directions", "components", "influence", "circuits", "select", "compare")
+STAGE_DIRS = {"generate": "gen", "judge": "judge", "directions": "directions", "components": "components",
+              "influence": "influence", "circuits": "circuit", "select": "select", "compare": "compare"}
+# The first stage each setting changes (every later stage reads that stage's output, so it changes too).
+FIRST_AFFECTED = {
+    "model": "generate", "dtype": "generate", "seed": "generate", "train_limit": "generate", "preset": "generate",
+    "batch_size": "generate", "max_new_tokens": "generate", "judge": "judge", "source": "directions",
+    "circuit_source": "directions", "texts_per_emotion": "directions", "accepted_only": "directions", "budget": "circuits",
+    "select_limit": "select", "select_judge": "select", "max_degenerate": "select", "backend": "select",
+    "test_limit": "compare", "second_judge": "compare",
+}
 
 
 class Run:
@@ -38,15 +48,48 @@ class Run:
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self._model = None
-        self._judge = None
+        self._judges = {}
         state = self.out / "state.json"
-        config = {k: v for k, v in vars(args).items() if k != "func"}
+        config = {k: getattr(args, k) for k in FIRST_AFFECTED if hasattr(args, k)}
         self.state = read_json(state) if state.exists() else {"done": [], "config": config}
+        if getattr(args, "restart_from", None):
+            self._restart(args.restart_from)
         old = self.state.get("config", {})
-        for k in ("model", "train_limit", "test_limit", "source", "circuit_source", "seed", "dtype", "preset"):
-            if k in old and old[k] != getattr(args, k):
-                raise ValueError(f"{self.out} holds a run with {k}={old[k]!r}, not {getattr(args, k)!r}: "
-                                 "use another --out (or delete the folder)")
+        stale = [k for k in config if old.get(k) != config[k] and FIRST_AFFECTED[k] in self.state["done"]]
+        if stale == ["judge"] and not config.get("accepted_only"):
+            # Only the judge changed: judge the train replies again. Discovery reads the judge only
+            # through the auto source choice, which is checked to be unchanged after the stage.
+            self._rejudge(old.get("judge"))
+            stale = []
+        if stale:
+            first = min((FIRST_AFFECTED[k] for k in stale), key=STAGES.index)
+            changes = ", ".join(f"{k}: {old.get(k)!r} -> {config[k]!r}" for k in stale)
+            raise ValueError(f"{self.out} holds a run whose finished stages used other settings ({changes}); "
+                             f"use another --out, or --restart-from {first} to redo {first} and every later stage")
+        # Every finished stage agrees with these settings, so the report may show them.
+        self.state["config"] = {**old, **config}
+
+    def _rejudge(self, old_judge):
+        import shutil
+
+        self._source_before = (self.chosen_source(), self.circuit_source())
+        shutil.rmtree(self.out / STAGE_DIRS["judge"], ignore_errors=True)
+        self.state["done"].remove("judge")
+        print(f"[emokernels run] judge changed ({old_judge!r} -> {self.a.judge!r}): the train replies are judged again", flush=True)
+
+    def _restart(self, stage: str):
+        """Forget ``stage`` and every later stage, and delete their outputs."""
+        import shutil
+
+        later = STAGES[STAGES.index(stage):]
+        for st in later:
+            shutil.rmtree(self.out / STAGE_DIRS[st], ignore_errors=True)
+        self.state["done"] = [st for st in self.state["done"] if st not in later]
+        for key in ("timings", "info"):
+            for st in later:
+                self.state.get(key, {}).pop(st, None)
+        write_json(self.out / "state.json", self.state)
+        print(f"[emokernels run] restarting from {stage}: removed {', '.join(later)}", flush=True)
 
     # -- shared resources ------------------------------------------------------------------------
     @property
@@ -58,13 +101,32 @@ class Run:
             self._model, self.tok = load(self.a.model, dtype=dtype)
         return self._model
 
-    @property
-    def judge(self):
-        if self._judge is None:
+    def get_judge(self, name: str):
+        """One instance per judge name for the whole run."""
+        if name not in self._judges:
             from .judge import get_judge
 
-            self._judge = get_judge(self.a.judge)
-        return self._judge
+            self._judges[name] = get_judge(name)
+        return self._judges[name]
+
+    @property
+    def judge(self):
+        return self.get_judge(self.a.judge)
+
+    @property
+    def select_judge(self):
+        """Strengths are picked with the second judge when there is one, so the first judge's
+        reading of the comparison is not tuned on."""
+        name = getattr(self.a, "select_judge", None)
+        if name is None:
+            second = getattr(self.a, "second_judge", None)
+            name = second if second not in (None, "none") else self.a.judge
+        return self.get_judge(name)
+
+    @property
+    def second_judge(self):
+        name = getattr(self.a, "second_judge", None)
+        return None if name in (None, "none") else self.get_judge(name)
 
     def skeletons(self, split: str, limit: int):
         """``limit`` skeletons round-robin over the 8 themes, so small runs see every theme."""
@@ -78,7 +140,7 @@ class Run:
         return list(iter_units(self.skeletons(split, limit)))
 
     def mark(self, stage: str, seconds: float, **info):
-        self.state["done"].append(stage)
+        self.state["done"] = [st for st in STAGES if st in self.state["done"] or st == stage]
         self.state.setdefault("timings", {})[stage] = round(seconds, 1)
         self.state.setdefault("info", {})[stage] = info
         write_json(self.out / "state.json", self.state)
@@ -113,17 +175,24 @@ class Run:
                              max_new_tokens=self.a.max_new_tokens, condition="prompt", model_name=self.a.model)
         return {"rows": len(rows)}
 
-    def _judge_file(self, gen: Path, out: Path):
+    def _judge_file(self, gen: Path, out: Path, judge=None, second=None):
         from .judge.cli import judge_rows
         from .judge.report import write_report
 
-        rows = judge_rows(read_jsonl(gen), self.judge, out)
+        rows = judge_rows(read_jsonl(gen), judge or self.judge, out, second=second)
         rep = write_report(rows, out.with_suffix(""))
         return rows, rep
 
     def stage_judge(self):
         rows, rep = self._judge_file(self.out / "gen" / "train_prompt.jsonl", self.out / "judge" / "train_prompt.jsonl")
-        return {"accuracy": rep["accuracy"]["overall"]["accuracy"]}
+        info = {"accuracy": rep["accuracy"]["overall"]["accuracy"]}
+        before = getattr(self, "_source_before", None)
+        if before is not None:
+            self.state["info"]["judge"] = info
+            if (self.chosen_source(), self.circuit_source()) != before:
+                raise ValueError(f"under judge {self.a.judge!r} the train accuracy ({info['accuracy']:.3f}) changes the auto "
+                                 f"source choice {before} of the finished discovery: rerun with --restart-from directions")
+        return info
 
     def stage_directions(self):
         from .data.sev import dataset_hash
@@ -298,7 +367,8 @@ class Run:
             for s in grid:
                 tag = f"{name}_{s:.3g}"
                 rows = self._generate_condition(name, units, self.out / "select" / f"{tag}.jsonl", strength=s)
-                judged, rep = self._judge_file(self.out / "select" / f"{tag}.jsonl", self.out / "select" / f"{tag}_judged.jsonl")
+                judged, rep = self._judge_file(self.out / "select" / f"{tag}.jsonl", self.out / "select" / f"{tag}_judged.jsonl",
+                                               judge=self.select_judge)
                 acc = sum(bool(r["match"]) for r in judged) / len(judged)
                 nat_acc = sum(bool(r["match"]) and not unnatural(r["text"]) for r in judged) / len(judged)
                 deg = sum(degenerate(r["text"]) for r in rows) / len(rows)
@@ -309,7 +379,8 @@ class Run:
                 if best is None or score > best[0]:
                     best = (score, s)
             chosen[name] = best[1]
-        write_json(self.out / "select" / "selection.json", {"table": table, "chosen": chosen})
+        write_json(self.out / "select" / "selection.json",
+                   {"table": table, "chosen": chosen, "judge": self.select_judge.describe()})
         return {"chosen": chosen}
 
     def stage_compare(self):
@@ -324,11 +395,14 @@ class Run:
             t = time.time()
             rows = self._generate_condition(name, units, gen, strength=chosen.get(name))
             gen_s = time.time() - t
-            judged, rep = self._judge_file(gen, self.out / "compare" / f"{name}_judged.jsonl")
+            judged, rep = self._judge_file(gen, self.out / "compare" / f"{name}_judged.jsonl", second=self.second_judge)
             texts = [r["text"] for r in rows]
             nat = {"natural_accuracy": sum(bool(r["match"]) and not unnatural(r["text"]) for r in judged) / len(judged),
                    "degenerate": sum(map(degenerate, texts)) / len(texts),
                    "caricature": sum(map(caricature, texts)) / len(texts), "distinct2": distinct_n(texts, 2)}
+            if self.second_judge is not None:
+                nat["natural_accuracy_second"] = sum(bool(r["second"]["match"]) and not unnatural(r["text"])
+                                                     for r in judged) / len(judged)
             try:
                 ppl = perplexity(self.model, self.tok, [self._neutral_prompt(r) for r in rows], texts)
                 ppl = [p for p in ppl if p is not None and math.isfinite(p)]
@@ -361,20 +435,28 @@ class Run:
 
 
 def register(subparsers) -> None:
+    from .judge.base import DEFAULT as DEFAULT_JUDGE, JUDGES, SECOND as SECOND_JUDGE
+
     p = subparsers.add_parser("run", help="the whole workflow on one model, into a report folder",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=__doc__, formatter_class=RawDefaultsFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--out", default=None, help="report folder (default: runs/<model>)")
     p.add_argument("--train-limit", type=int, default=8, help="train skeletons (x3 valences x6 emotions); 160 = all")
     p.add_argument("--test-limit", type=int, default=8, help="test skeletons for the comparison; 160 = all")
     p.add_argument("--select-limit", type=int, default=2, help="train skeletons for the α / strength selection")
-    p.add_argument("--judge", default="minilm", choices=["minilm", "llm", "http"])
+    p.add_argument("--judge", default=DEFAULT_JUDGE, choices=list(JUDGES),
+                   help="the judge of the train replies and the first reading of the comparison")
+    p.add_argument("--select-judge", default=None, choices=list(JUDGES),
+                   help="the judge that picks the strengths on the train split (default: --second-judge, else --judge)")
+    p.add_argument("--second-judge", default=SECOND_JUDGE, choices=list(JUDGES) + ["none"],
+                   help="a different judge: every condition is also reported under it, with the agreement")
     p.add_argument("--source", default="auto", choices=["auto", "prompt", "text"],
                    help="directions for steering: paper's prompt readout, emotional text, or auto")
     p.add_argument("--circuit-source", default="auto", choices=["auto", "prompt", "text"],
                    help="circuit components from the paper's prompt readout or from emotional text (auto: as --source)")
     p.add_argument("--preset", default="strong", help="emotion prompt preset: strong | paper | a template with {emotion}")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="auto: bf16 where the CPU has native bf16 matmuls (or on CUDA), else fp32 (recorded resolved)")
     p.add_argument("--backend", default="fused", choices=["fused", "reference"])
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=40)
@@ -383,15 +465,27 @@ def register(subparsers) -> None:
     p.add_argument("--accepted-only", action="store_true", help="directions from judge-accepted rows only (the paper)")
     p.add_argument("--max-degenerate", type=float, default=0.3, help="selection rejects settings with more degenerate outputs")
     p.add_argument("--stop-after", default=None, choices=STAGES)
+    p.add_argument("--restart-from", default=None, choices=STAGES,
+                   help="redo this stage and every later one (their outputs are deleted), e.g. after changing a setting")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_main)
 
 
+class RawDefaultsFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
 def _main(args) -> int:
+    if args.second_judge not in (None, "none") and args.second_judge == args.judge:
+        raise ValueError("--second-judge must differ from --judge (or be 'none')")
     for k in ("train_limit", "test_limit", "select_limit"):
         if getattr(args, k) < 1:
             raise ValueError(f"--{k.replace('_', '-')} must be >= 1")
     if args.out is None:
         args.out = str(Path("runs") / args.model.replace("/", "_"))
+    if args.dtype == "auto":
+        from .models.loader import fast_dtype
+
+        args.dtype = "bf16" if fast_dtype() == torch.bfloat16 else "fp32"
     torch.manual_seed(args.seed)
     return Run(args).run()

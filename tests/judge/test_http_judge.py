@@ -103,3 +103,39 @@ def test_http_judge_unreachable_is_an_error_judgement():
     judge = HTTPJudge(base_url="http://127.0.0.1:9/v1", model="m", retries=1, backoff=0.01, timeout=2)
     (j,) = judge.classify(["text"], ["anger"])
     assert j.label == "error" and j.match is False and j.reason
+
+
+def test_judge_rows_never_stores_an_unavailable_judge_and_resumes(server, tmp_path, capsys, monkeypatch):
+    """The endpoint fails for one reply (after its retries): the run stops with a clear error and a
+    non-zero exit, that row stays pending (never written as a verdict), and a rerun judges it once
+    the endpoint answers again."""
+    from emokernels.cli import main
+    from emokernels.io import read_jsonl
+    from emokernels.judge.base import JudgeUnavailableError
+    from emokernels.judge.cli import judge_rows
+
+    rows = [{"key": f"k{i}", "text": t, "emotion": "anger"} for i, t in enumerate(["fine one", "broken one", "later one"])]
+    server.script = {"fine one": [(200, '{"match": 1}')], "broken one": [(503, "")], "later one": [(200, '{"match": 0}')]}
+    judge = HTTPJudge(base_url=server.url, model="m", retries=1, backoff=0.01, timeout=5)
+    out = tmp_path / "judged.jsonl"
+    with pytest.raises(JudgeUnavailableError, match=r"'k1'.*HTTP 503.*2 row\(s\) stay pending"):
+        judge_rows(rows, judge, out, batch_size=2, progress=False)
+    assert [r["key"] for r in read_jsonl(out)] == ["k0"]
+    # an error row left in the file by an older version is dropped, not read as a verdict
+    with open(out, "a") as f:
+        f.write(json.dumps({**rows[1], "label": "error", "match": False, "judge": judge.describe()}) + "\n")
+    server.script["broken one"] = [(200, '{"match": 1}')]
+    judged = judge_rows(rows, judge, out, batch_size=2, progress=False)
+    assert [r["label"] for r in judged] == ["anger", "anger", "other"]
+    assert sorted(r["key"] for r in read_jsonl(out)) == ["k0", "k1", "k2"]
+    # the CLI: one line, non-zero exit (backoff sleeps skipped)
+    import emokernels.judge.http as http_mod
+
+    monkeypatch.setattr(http_mod.time, "sleep", lambda s: None)
+    monkeypatch.setenv("EMOKERNELS_JUDGE_URL", server.url)
+    monkeypatch.setenv("EMOKERNELS_JUDGE_MODEL", "m")
+    gens = tmp_path / "g.jsonl"
+    gens.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    server.script["fine one"] = [(500, "")]
+    rc = main(["judge", "--in", str(gens), "--judge", "http", "--out", str(tmp_path / "j2.jsonl"), "--no-progress"])
+    assert rc == 2 and "could not be judged" in capsys.readouterr().err

@@ -100,3 +100,25 @@ def test_llm_judge_real_model_on_clear_reference_rows():
     picked = [next(r for r in rows if r.label == l) for l in LABELS]
     res = evaluate_on_reference(judge, picked)
     assert res["accuracy"] >= 5 / 7
+
+
+def test_llm_yesno_judge_mechanics_on_tiny_model():
+    from emokernels.data.corpus import CorpusRow
+    from emokernels.judge.llm import LLMYesNoJudge, calibrate_yesno
+
+    model, tok = tiny("qwen2")
+    judge = LLMYesNoJudge(model=model, tokenizer=tok, model_name="tiny-qwen2", batch_size=2, threshold=0.0)
+    texts = ["I am so angry.", "A much longer reply that needs left padding in the batch, with many more tokens.", "ok"]
+    s = judge.yes_scores(texts, ["anger", "fear", "disgust"])
+    single = torch.cat([judge.yes_scores([t], [e]) for t, e in zip(texts, ["anger", "fear", "disgust"])])
+    assert s.shape == (3,) and torch.allclose(s, single, atol=1e-4)
+    assert "Does the following reply express fear?" in judge.question("x", "fear")
+    out = judge.classify(texts, ["anger", "fear", "disgust"])
+    assert [j.match for j in out] == [bool(v > 0) for v in s.tolist()]
+    assert all(j.label == (t if j.match else "other") for j, t in zip(out, ["anger", "fear", "disgust"]))
+    free = judge.classify(texts)  # no targets: six questions per reply, neutral below the threshold
+    assert all(j.label in LABELS and j.match is None and len(j.scores) == 6 for j in free)
+    rows = [CorpusRow(f"r{i}", "s", "x", "neutral", lab, "plain", t, "written", "dev")
+            for i, (t, lab) in enumerate(zip(texts, ["anger", "fear", "neutral"]))]
+    cal = calibrate_yesno(judge, rows)
+    assert cal["n_pairs"] == 5 and 0.0 <= cal["balanced_accuracy"] <= 1.0 and cal["model"] == "tiny-qwen2"
