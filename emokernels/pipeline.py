@@ -49,6 +49,11 @@ class Run:
         self.out.mkdir(parents=True, exist_ok=True)
         self._model = None
         self._judges = {}
+        if hasattr(args, "judge") and getattr(args, "select_judge", None) is None:
+            # Strengths are picked with the second judge when there is one, so the first judge's
+            # reading of the comparison is not tuned on. Resolved here so the choice is recorded.
+            second = getattr(args, "second_judge", None)
+            args.select_judge = second if second not in (None, "none") else args.judge
         state = self.out / "state.json"
         config = {k: getattr(args, k) for k in FIRST_AFFECTED if hasattr(args, k)}
         self.state = read_json(state) if state.exists() else {"done": [], "config": config}
@@ -115,13 +120,7 @@ class Run:
 
     @property
     def select_judge(self):
-        """Strengths are picked with the second judge when there is one, so the first judge's
-        reading of the comparison is not tuned on."""
-        name = getattr(self.a, "select_judge", None)
-        if name is None:
-            second = getattr(self.a, "second_judge", None)
-            name = second if second not in (None, "none") else self.a.judge
-        return self.get_judge(name)
+        return self.get_judge(self.a.select_judge)
 
     @property
     def second_judge(self):

@@ -50,7 +50,7 @@ def test_run_rejects_changed_settings_of_finished_stages(tmp_path, capsys):
     from emokernels.pipeline import FIRST_AFFECTED, Run
 
     def build_parser_args(argv):
-        return build_parser().parse_args(["run", "--dtype", "fp32", *argv])
+        return build_parser().parse_args(["run", "--dtype", "fp32", "--select-judge", "minilm-probe", *argv])
 
     out = tmp_path / "run"
     (out / "gen").mkdir(parents=True)
@@ -60,7 +60,8 @@ def test_run_rejects_changed_settings_of_finished_stages(tmp_path, capsys):
     done = {"done": ["generate", "judge", "directions", "components", "influence", "circuits", "select"],
             "config": {k: getattr(old, k) for k in FIRST_AFFECTED}}
     (out / "state.json").write_text(json.dumps(done))
-    assert main(["run", "--model", "smollm2-135m", "--dtype", "fp32", "--select-limit", "2", "--out", str(out)]) == 2
+    assert main(["run", "--model", "smollm2-135m", "--dtype", "fp32", "--select-judge", "minilm-probe", "--select-limit", "2",
+                 "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "(model: 'tiny-llama' -> 'smollm2-135m')" in err and "--restart-from generate" in err
     args = build_parser_args(["--model", "tiny-llama", "--select-limit", "3", "--out", str(out)])
