@@ -8,7 +8,7 @@ import torch
 
 from emokernels.data.corpus import load_judge_corpus
 from emokernels.judge import DEFAULT, JUDGES, LABELS, SECOND, get_judge
-from emokernels.judge.evaluate import CANARIES, canary_check, classification_metrics, evaluate_rows, wilson
+from emokernels.judge.evaluate import classification_metrics, evaluate_rows, wilson
 from emokernels.judge.probe import Probe, ProbeJudge, fit_probe, fit_temperature, macro_f1, select_and_fit, train_judge
 
 
