@@ -23,7 +23,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from .labels import JUDGE_LABELS, VALENCES
 
@@ -54,24 +54,25 @@ class CorpusRow:
         return asdict(self)
 
 
-def _parse(lines: Sequence[str], where: str) -> list[CorpusRow]:
-    rows = []
-    for lineno, line in enumerate(lines, start=1):
+def string_records(text: str, where: str, fields: tuple[str, ...], may_be_empty: tuple[str, ...] = ()) -> Iterator[tuple[str, dict]]:
+    """``(location, record)`` for each non-blank JSONL line of a packaged data file, where every
+    name in ``fields`` must be a string, non-blank unless in ``may_be_empty``. Raises ValueError
+    naming ``where``, the line and the field."""
+    for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         at = f"{where}: line {lineno}"
         try:
-            rec = json.loads(line)
+            record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{at}: invalid JSON: {exc.msg}") from None
-        if not isinstance(rec, dict):
+        if not isinstance(record, dict):
             raise ValueError(f"{at}: expected a JSON object")
-        for name in _FIELDS:
-            v = rec.get(name)
-            if not isinstance(v, str) or (name != "text" and not v.strip()):
+        for name in fields:
+            value = record.get(name)
+            if not isinstance(value, str) or (name not in may_be_empty and not value.strip()):
                 raise ValueError(f"{at}: field {name!r}: missing, empty or not a string")
-        rows.append(CorpusRow(**{k: rec[k] for k in _FIELDS}))
-    return rows
+        yield at, record
 
 
 def validate_corpus(rows: Sequence[CorpusRow], where: str = _FILE) -> None:
@@ -112,7 +113,7 @@ def load_judge_corpus(split: str | Sequence[str] | None = None, path: str | Path
         except UnicodeDecodeError as e:
             raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
         where = str(path)
-    rows = _parse(text.splitlines(), where)
+    rows = [CorpusRow(**{k: rec[k] for k in _FIELDS}) for _, rec in string_records(text, where, _FIELDS, may_be_empty=("text",))]
     if not rows:
         raise ValueError(f"{where}: no rows")
     validate_corpus(rows, where)

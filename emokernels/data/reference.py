@@ -20,10 +20,10 @@ unexpectedness itself ("Wait, really? I never would have guessed that!").
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from importlib import resources
 
+from .corpus import string_records
 from .labels import JUDGE_LABELS, NEUTRAL_LABEL
 
 __all__ = ["CUES", "JudgeReferenceRow", "load_judge_reference"]
@@ -53,18 +53,7 @@ def load_judge_reference() -> list[JudgeReferenceRow]:
     text = resources.files(__package__).joinpath(_FILE).read_text(encoding="utf-8")
     rows: list[JudgeReferenceRow] = []
     seen: set[str] = set()
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{_FILE}: line {lineno}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{where}: invalid JSON: {exc.msg}") from None
-        for name in ("id", "text", "label", "cue"):
-            value = record.get(name) if isinstance(record, dict) else None
-            if not isinstance(value, str) or not value.strip():
-                raise ValueError(f"{where}: field '{name}': missing, empty or not a string")
+    for where, record in string_records(text, _FILE, ("id", "text", "label", "cue")):
         label, cue = record["label"], record["cue"]
         if label not in JUDGE_LABELS:
             raise ValueError(f"{where}: field 'label': {label!r} is not one of {', '.join(JUDGE_LABELS)}")

@@ -218,31 +218,23 @@ def evaluate_on_reference(judge, rows=None, batch_size: int = 16) -> dict:
     Returns accuracy, accuracy per cue, hits per label, the 7×7 confusion (rows predicted,
     columns true), seconds per reply (wall clock, batches of ``batch_size``) and the wrong rows.
     """
-    import time
-
     from ..data.reference import load_judge_reference
+    from .evaluate import evaluate_rows
 
     rows = load_judge_reference() if rows is None else list(rows)
-    texts, gold = [r.text for r in rows], [r.label for r in rows]
-    t0 = time.perf_counter()
-    preds = []
-    for i in range(0, len(texts), batch_size):
-        preds.extend(j.label for j in judge.classify(texts[i : i + batch_size]))
-    dt = time.perf_counter() - t0
-    hits = Counter(g for g, p in zip(gold, preds) if g == p)
-    totals = Counter(gold)
-    by_cue = defaultdict(list)
-    for r, p in zip(rows, preds):
-        by_cue[r.cue].append(p == r.label)
-    rl, cl, counts = confusion_matrix(preds, gold, labels=LABELS, target_labels=LABELS)
+    res = evaluate_rows(judge, rows, batch_size=batch_size, groups=("cue",))
+    counts = res["confusion"]["counts"]  # square over LABELS: the diagonal holds the hits
+    hits = {l: [counts[i][i], res["per_label"][l]["support"]] for i, l in enumerate(LABELS) if res["per_label"][l]["support"]}
+    six = [hits[e] for e in EMOTIONS if e in hits]
     return {
-        "judge": judge.describe(),
-        "n": len(rows),
-        "accuracy": sum(hits.values()) / len(rows),
-        "accuracy_six_way_rows": (sum(hits[e] for e in EMOTIONS) / sum(totals[e] for e in EMOTIONS)) if any(totals[e] for e in EMOTIONS) else None,
-        "hits": {l: [hits[l], totals[l]] for l in LABELS if totals[l]},
-        "accuracy_by_cue": {c: sum(v) / len(v) for c, v in sorted(by_cue.items())},
-        "confusion": {"rows_predicted": rl, "cols_target": cl, "counts": counts},
-        "seconds_per_reply": dt / max(len(rows), 1),
-        "errors": [{"id": r.id, "label": r.label, "predicted": p, "text": r.text} for r, p in zip(rows, preds) if p != r.label],
+        "judge": res["judge"],
+        "n": res["n"],
+        "accuracy": res["accuracy"]["rate"],
+        "accuracy_six_way_rows": sum(h for h, _ in six) / sum(n for _, n in six) if six else None,
+        "hits": hits,
+        "accuracy_by_cue": {c: v["rate"] for c, v in res["accuracy_by_cue"].items()},
+        "confusion": {"rows_predicted": res["confusion"]["rows_predicted"], "cols_target": res["confusion"]["cols_true"],
+                      "counts": counts},
+        "seconds_per_reply": res["seconds_per_reply"],
+        "errors": res["errors"],
     }
