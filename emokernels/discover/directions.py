@@ -110,13 +110,9 @@ class EmotionDirections:
         return self.points.index(point)
 
     def emotion_index(self, emotion: str | int) -> int:
-        if isinstance(emotion, int):
-            if not 0 <= emotion < len(self.emotions):
-                raise ValueError(f"emotion id {emotion} out of range 0..{len(self.emotions) - 1}")
-            return emotion
-        if emotion not in self.emotions:
-            raise ValueError(f"unknown emotion {emotion!r}: use one of {self.emotions}")
-        return self.emotions.index(emotion)
+        from ..patch.rows import emotion_index
+
+        return emotion_index(self.emotions, emotion, owner="these directions")
 
     def _layer(self, layer: int) -> int:
         if not 0 <= layer < self.num_layers:
