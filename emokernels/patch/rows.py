@@ -12,7 +12,16 @@ rules below hold identically for every backend (they run before any kernel is ch
 * **strength** ``s``: a finite real number, or a finite float tensor / list [B] (a 0-d tensor
   broadcasts over the batch). Strings, bools, NaN and ±inf are errors.
 * **emotions**: a name or an id into a tuple of emotion names, or one per batch row.
-  :func:`emotion_rows` turns them into a table ``(emotions the table holds, rows)``.
+  :func:`emotion_rows` turns them into a table ``(emotions the table holds, rows)``; an unknown
+  name is a ValueError that lists the valid ones.
+
+``patch()`` adds the checks that need the model (``PatchHandle._prepare``): layers in range,
+tables finite with the site's width, edit ids integer / distinct / in range, rows < E. A
+steering table (``op="add_rms"``) whose row used by some batch row is all zeros at some layer is
+an **error**, not a warning: that row would be steered by nothing and the output would look
+like a valid result. Zero rows no batch row uses are fine (a directions file with one emotion
+missing still steers the others), and ``add`` tables may hold zero rows (a circuit's biases are
+zero where an emotion selects nothing at a layer).
 
 Tensors are checked here once (a host read at ``patch()`` time); what depends on the batch (B)
 is checked per forward call in :func:`per_row` from shapes only, with no host sync, so a patched

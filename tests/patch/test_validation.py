@@ -118,6 +118,7 @@ CASES = [
     ("layers-duplicate", lambda m, b: add(layers=[1, 1]), ValueError, "more than once"),
     ("layers-negative", P(lambda: add(layers=[-1], vectors={-1: _vec()})), IndexError, "layer -1 out of range: the model has 4"),
     ("layers-too-big", P(lambda: add(layers=[4], vectors={4: _vec()})), IndexError, "layer 4 out of range: the model has 4"),
+    ("second-intervention-bad", P(lambda: add(), lambda: add(strength=NAN)), ValueError, "not finite"),
     ("layers-missing-table", lambda m, b: add(layers=[1, 2], vectors={1: _vec()}), ValueError, "no entry for layers [2]"),
     # -- tables: non-finite, shapes, dtypes -----------------------------------------------------
     ("vectors-nan", P(lambda: add(vectors={1: _with(_vec(), (2, 5), NAN)})), ValueError, "vectors[1] holds 1 non-finite"),
