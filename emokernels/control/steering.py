@@ -27,8 +27,6 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 from ..data.labels import EMOTIONS
 from ..discover.directions import EmotionDirections, alpha_for_hidden, default_layers
 from ..patch.rows import as_layers, emotion_rows, resolve_strength
