@@ -2,7 +2,7 @@
 
 The parser is built without importing torch or transformers (``emokernels --help`` takes a fraction
 of a second); each command imports what it needs when it runs. Errors print one line,
-``emokernels: error: ...``, and exit with status 2; ``--debug`` (or ``EMOKERNELS_DEBUG=1``)
+``emokernels CMD: error: ...``, and exit with status 2; ``--debug`` (or ``EMOKERNELS_DEBUG=1``)
 shows the traceback instead.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ class ArgumentParser(argparse.ArgumentParser):
     reports it in the same one line as every other error (and returns instead of exiting)."""
 
     def error(self, message):
-        raise UsageError(f"{message} (see '{self.prog} --help')")
+        raise UsageError(f"{self.prog}: error: {message} (see '{self.prog} --help')")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     try:
         args = parser.parse_args(argv)
     except UsageError as e:
-        print(f"emokernels: error: {e}", file=sys.stderr)
+        print(e, file=sys.stderr)
         return 2
     if not getattr(args, "func", None):
         parser.print_help()
