@@ -131,6 +131,7 @@ BAD_ARGS = [
     ("steer-alpha-nan", STEER + ["--alpha", "nan"], "--alpha must be a finite number"),
     ("steer-alpha-word", STEER + ["--alpha", "lots"], "--alpha must be a number, 'default', 'paper' or 'auto'"),
     ("steer-sweep-inf", STEER + ["--alpha", "auto", "--sweep-alphas", "1,inf"], "--sweep-alphas must be one or more finite"),
+    ("steer-layers-outside", [a.replace("nowhere", "dirs") for a in STEER] + ["--layers", "4-9"], "steering layers [6, 7, 8, 9] invalid for a 6-layer model"),
     ("steer-no-directions", STEER, "--directions {t}/nowhere: missing {t}/nowhere/directions.safetensors"),
     ("steer-limit-over-split", [a.replace("nowhere", "dirs") for a in STEER] + ["--limit", "161"], "exceeds the 160 skeletons of the test split"),
     ("judge-in-and-reference", ["judge", "--in", "{t}/gens.jsonl", "--reference"], "argument --reference: not allowed with argument --in"),

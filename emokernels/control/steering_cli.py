@@ -78,7 +78,7 @@ def run(args) -> int:
     from ..judge.cli import judge_rows
     from ..judge.report import write_report
     from ..models.loader import load, model_source
-    from .steering import Steering, alpha_sweep, default_alpha, steer_generate
+    from .steering import Steering, alpha_sweep, default_alpha, parse_layers, steer_generate
 
     model_source(args.model)
     out = opt.check_out_file(args.out)
@@ -88,6 +88,8 @@ def run(args) -> int:
     mults = args.sweep_alphas if alpha_spec == "auto" else None
     units = list(iter_units(load_split(args.split, args.limit)))
     train_units = list(iter_units(load_split("train", args.sweep_limit))) if mults else None
+    # read once without the model, so a layer outside it fails before the model loads
+    parse_layers(args.layers, EmotionDirections.load(args.directions).num_layers)
     t0 = time.time()
     model, tok = load(args.model, dtype=args.dtype)
     dirs = EmotionDirections.load(args.directions, model=model)
