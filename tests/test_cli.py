@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from emokernels.cli import build_parser, main
+from emokernels.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 

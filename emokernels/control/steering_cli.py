@@ -12,7 +12,6 @@ naturalness).
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from .. import options as opt
 

@@ -97,7 +97,7 @@ def _auto_probe_layers(n_units: int, num_layers: int, d: int, budget_bytes: int 
 
 def run(args) -> int:
     from ..data.prompts import PromptConfig
-    from ..data.sev import dataset_hash, load_split
+    from ..data.sev import dataset_hash
     from ..io import read_jsonl
     from ..models.adapters import Adapter
     from ..models.loader import load, model_source

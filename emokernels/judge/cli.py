@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .. import options as opt
-from .base import DEFAULT, JUDGES, Judge, JudgeUnavailableError, get_judge
+from .base import JUDGES, Judge, JudgeUnavailableError, get_judge
 
 # probe.TRAINABLE's names (probe imports torch; tests check the two agree) and the calibrated LLM judge
 TRAINABLE_NAMES = ("minilm-probe", "qwen0.5b-probe", "qwen1.5b-probe", "llm-yesno")
