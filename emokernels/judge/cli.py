@@ -236,7 +236,7 @@ def _train(args) -> int:
     meta = train_judge(args.train, out=args.out, progress=not args.no_progress)
     print(f"trained {args.train}: dev macro-F1 {meta['dev_macro_f1']:.3f}, λ={meta['lambda']:g}, "
           f"T={meta.get('temperature', 1.0):.3g}")
-    from .probe import weights_dir
+    from .probe import artifact, weights_dir
 
-    opt.wrote(args.out or weights_dir() / args.train, f"{args.train} weights")
+    opt.wrote(artifact(args.out or weights_dir() / args.train), f"{args.train} weights and .json metadata")
     return 0
