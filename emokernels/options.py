@@ -13,6 +13,7 @@ native bf16 matmuls, else fp32), ``fp32``/``float32``, ``bf16``/``bfloat16``, ``
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 from pathlib import Path
 
@@ -175,6 +176,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text + " (default: %(default)s)"
 
 
+@functools.lru_cache(maxsize=None)
 def split_size(split: str) -> int | None:
     """Number of skeletons of a packaged split (counts lines; no parsing), None for other names."""
     from .data.sev import SPLITS, split_path
