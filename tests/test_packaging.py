@@ -190,7 +190,7 @@ def test_wheel_installs_into_fresh_venv_with_native_cpu_kernels(dists, tmp_path)
 
     pkg = Path(res["emokernels"]).parent
     assert venv in pkg.parents, f"imported {res['emokernels']}, not the venv copy (shadowed by the editable install?)"
-    assert Path(res["source_root"]) == pkg, f"native sources found at {res['source_root']}, not in the installed package"
+    assert Path(res["source_root"]) == pkg, f"native sources at {res['source_root']}, not in the installed package"
     assert res["ext"] is not None, f"no native CPU module: {res['ext_error']}"
     from emokernels.ops import _build
 

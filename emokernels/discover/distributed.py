@@ -13,6 +13,10 @@ closed on one rank with all its emotions. This matters because a group's centrin
 per-unit states (``keep_states``) are gathered and put back in the single-process unit order.
 Every rank returns the same :class:`.capture.CaptureResult`.
 
+Component scores work the same way. Each rank streams its shard through
+:func:`.neurons.run_collectors`, then :func:`all_reduce_collectors` sums the collectors' states
+(neuron contribution sums, head Δ sums). ``emokernels components`` does not call it yet.
+
 Run it with ``torchrun --nproc-per-node N -m emokernels.cli directions ...``. The command calls
 :func:`init_from_env`, which joins the process group that ``torchrun`` describes in the
 environment (``WORLD_SIZE`` > 1); a plain ``python`` run stays single-process.
@@ -28,7 +32,8 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["init_from_env", "rank_world", "is_main", "shard_by_group", "all_reduce_accumulator", "capture_sharded"]
+__all__ = ["init_from_env", "rank_world", "is_main", "shard_by_group", "all_reduce_accumulator",
+           "all_reduce_collectors", "capture_sharded"]
 
 
 def rank_world() -> tuple[int, int]:
@@ -132,6 +137,21 @@ def all_reduce_accumulator(acc, group_order: Sequence[str] = ()):
     rank_of = {g: i for i, g in enumerate(group_order)}
     acc.dropped = sorted((g for m in metas for g in m["dropped"]), key=lambda g: rank_of.get(g, len(rank_of)))
     return acc
+
+
+def all_reduce_collectors(collectors: Sequence) -> Sequence:
+    """Sum every tensor of each collector's ``state_dict()`` over the ranks and load it back (in place).
+
+    This is right for collectors whose state is sums and counts over rows:
+    :class:`.neurons.NeuronAccumulator` (C, C_pos, C_neg, H sums and counts) and
+    :class:`.heads.HeadAccumulator` (Δ, Δ² and baseline sums and counts). After it, ``result()``
+    equals the single-process one, whatever rows each rank streamed. Every rank must pass the
+    same kinds of collectors in the same order.
+    """
+    for c in collectors:
+        state = c.state_dict()
+        c.load_state_dict({k: _all_reduce_sum(state[k]) for k in sorted(state)})
+    return collectors
 
 
 def _units_digest(units: Sequence) -> str:

@@ -1,4 +1,4 @@
-"""Distributed discovery: 2 gloo ranks give the single-process capture and directions.
+"""Distributed discovery: 2 gloo ranks give the single-process capture, directions and component sums.
 
 The capture is sharded by context group and the fp64 accumulators are all-reduced
 (``emokernels.discover.distributed``). The ranks are real processes: ``torch.multiprocessing``
@@ -60,8 +60,8 @@ def _assert_same_capture(dist_res, ref, rtol=1e-5, atol=1e-6):
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    """One rank: sharded capture and directions equal the single-process ones (asserted here;
-    ``mp.spawn`` re-raises a rank's failure in the parent)."""
+    """One rank: sharded capture, directions and component sums equal the single-process ones
+    (asserted here; ``mp.spawn`` re-raises a rank's failure in the parent)."""
     import torch.distributed as dist
 
     from emokernels.discover.capture import capture
@@ -89,6 +89,26 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         got1 = capture(model, tok, one, batch_size=6, keep_states=True, progress=False, distributed=True)
         _assert_same_capture(got1, capture(model, tok, one, batch_size=6, keep_states=True, progress=False))
 
+        # component scores: each rank streams its shard, the collectors' sums are all-reduced
+        from emokernels.data.sev import load_split
+        from emokernels.discover.distributed import all_reduce_collectors
+        from emokernels.discover.heads import HeadAccumulator
+        from emokernels.discover.neurons import NeuronAccumulator, run_collectors, sev_units, unit_batches
+        from tests.helpers import random_directions
+
+        dirs, sev = random_directions(model), sev_units(load_split("train", 1))
+        sharded = [NeuronAccumulator(model, dirs), HeadAccumulator(model, dirs)]
+        run_collectors(model, unit_batches(tok, shard_by_group(sev, rank, world), batch_size=6), sharded,
+                       progress=False)
+        all_reduce_collectors(sharded)
+        single = [NeuronAccumulator(model, dirs), HeadAccumulator(model, dirs)]
+        run_collectors(model, unit_batches(tok, sev, batch_size=6), single, progress=False)
+        for a, b in zip(sharded, single):
+            sa, sb = a.state_dict(), b.state_dict()
+            assert sorted(sa) == sorted(sb)
+            for k in sa:
+                torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+
         # ranks given different units: a clear error on every rank, before any capture
         mine = units if rank == 0 else units[:-1]
         try:
@@ -101,6 +121,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_equal_one_process(tmp_path):
     import torch.multiprocessing as mp
 
