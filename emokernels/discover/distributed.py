@@ -180,6 +180,10 @@ def capture_sharded(model, tokenizer, units: Sequence, *, checkpoint=None, progr
         differ = [r for r, d in enumerate(digests) if d != digests[0]]
         raise ValueError(f"capture_sharded: ranks {differ} were given other units than rank 0; every rank must "
                          "pass the same units (the shards are taken from them)")
+    if not units or len({u.reply is None for u in units}) != 1:
+        # no units, or prompt and text units mixed: capture() raises the same error on every rank
+        return capture(model, tokenizer, units, checkpoint=checkpoint, progress=progress, **kwargs)
+    mode = "prompt" if units[0].reply is None else "text"
     units = order_by_group(units)
     mine = shard_by_group(units, rank, world)
     ck = None
@@ -191,11 +195,9 @@ def capture_sharded(model, tokenizer, units: Sequence, *, checkpoint=None, progr
     else:  # more ranks than groups: this rank contributes nothing, but joins every collective
         a = Adapter.of(model)
         acc = GroupAccumulator(len(POINTS), a.num_layers, a.hidden_size) if kwargs.get("accumulate", True) else None
-        res = CaptureResult(mode="prompt" if units[0].reply is None else "text", accumulator=acc,
-                            num_layers=a.num_layers, hidden_size=a.hidden_size,
+        res = CaptureResult(mode=mode, accumulator=acc, num_layers=a.num_layers, hidden_size=a.hidden_size,
                             paper_final_norm=kwargs.get("paper_final_norm", False))
     group_order = list(dict.fromkeys(u.group for u in units))
-    modes = {m for m in _gather(res.mode if mine else None) if m is not None}
     if res.accumulator is not None:
         all_reduce_accumulator(res.accumulator, group_order)
     parts = _gather((res.keys, None if res.states is None else res.states.cpu(), res.state_layers))
@@ -207,7 +209,7 @@ def capture_sharded(model, tokenizer, units: Sequence, *, checkpoint=None, progr
     if ck is not None:
         for f in (ck.with_suffix(".safetensors"), ck.with_suffix(".json")):
             f.unlink(missing_ok=True)
-    return replace(res, mode=modes.pop() if modes else res.mode, keys=[u.key for u in units],
+    return replace(res, mode=mode, keys=[u.key for u in units],
                    emotions=[u.emotion for u in units], groups=[u.group for u in units],
                    valences=[u.valence for u in units], themes=[u.theme for u in units],
                    states=states, state_layers=state_layers)

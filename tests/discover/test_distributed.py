@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,15 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             assert sorted(sa) == sorted(sb)
             for k in sa:
                 torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+
+        # prompt and text units mixed across groups (each rank's shard alone would be uniform)
+        mixed = units[:6] + [replace(u, reply="It went fine.") for u in units[6:12]]
+        try:
+            capture(model, tok, mixed, progress=False, distributed=True)
+        except ValueError as exc:
+            assert "mixing prompt units and text units" in str(exc), exc
+        else:
+            raise AssertionError("prompt and text units mixed over the ranks were not detected")
 
         # ranks given different units: a clear error on every rank, before any capture
         mine = units if rank == 0 else units[:-1]
