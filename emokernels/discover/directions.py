@@ -324,15 +324,21 @@ def from_accumulator(acc, *, model: str = "", source: str = "prompt", normalisat
 
 def estimate(model, tokenizer, units, *, source: str | None = None, model_name: str = "", prompt_config=None,
              paper_final_norm: bool = False, dataset_hash: str = "", batch_size: int = 16,
-             keep_states: bool | Sequence[int] = False, checkpoint=None, progress: bool = True):
-    """Capture ``units`` and estimate directions. Returns ``(EmotionDirections, CaptureResult)``."""
+             keep_states: bool | Sequence[int] = False, checkpoint=None, progress: bool = True,
+             distributed: bool = False):
+    """Capture ``units`` and estimate directions. Returns ``(EmotionDirections, CaptureResult)``.
+
+    ``distributed``: shard the capture over the ranks of the initialised ``torch.distributed``
+    group (see :mod:`.distributed`); every rank returns the same directions.
+    """
     from ..data.prompts import PromptConfig
     from ..models.adapters import Adapter
     from .capture import capture
 
     config = prompt_config or PromptConfig()
     res = capture(model, tokenizer, units, prompt_config=config, batch_size=batch_size,
-                  paper_final_norm=paper_final_norm, keep_states=keep_states, checkpoint=checkpoint, progress=progress)
+                  paper_final_norm=paper_final_norm, keep_states=keep_states, checkpoint=checkpoint, progress=progress,
+                  distributed=distributed)
     src = source or res.mode
     if src != res.mode:
         raise ValueError(f"source {src!r} but the units are {res.mode} units")

@@ -105,6 +105,9 @@ def run(args) -> int:
     from .consistency import (nearest_direction_accuracy, plot_consistency, plot_cross_layer, stability_report,
                               train_probe, write_report)
     from .directions import estimate
+    from .distributed import init_from_env, rank_world
+
+    distributed = init_from_env()  # under torchrun: the capture is sharded over the ranks
 
     if args.split == "test":
         raise ValueError("directions are discovered on the train split only; the test split stays held out "
@@ -148,9 +151,12 @@ def run(args) -> int:
     keep = probe_layers if (probe and args.source == "prompt" and not args.accepted) else False
     dirs, res = estimate(model, tok, units, source=args.source, model_name=str(args.model), prompt_config=config,
                          paper_final_norm=args.paper_final_norm, dataset_hash=dhash, batch_size=args.batch_size,
-                         keep_states=keep, checkpoint=out / "capture_checkpoint")
+                         keep_states=keep, checkpoint=out / "capture_checkpoint", distributed=distributed)
+    rank, world = rank_world()
+    if rank != 0:
+        return 0  # every rank holds the merged result; rank 0 writes it, the probe and the report
     dirs.extra.update(split=str(args.split), limit=args.limit, select=args.select, accepted=args.accepted,
-                      dtype=opt.resolved_dtype_name(args.dtype))
+                      dtype=opt.resolved_dtype_name(args.dtype), processes=world)
     path = dirs.save(out)
     print(f"directions: {path} ({dirs.n_groups} contexts, {len(res.keys)} units, {time.time() - t0:.1f}s)")
 
