@@ -5,12 +5,13 @@ and a dtype code, so a plain compiler call builds them in seconds and one build 
 torch version.
 
 * CPU: ``g++ -O3 -fopenmp -shared -fPIC -std=c++17 $(pybind11 includes)`` over
-  ``csrc/cpu/*.cpp``, ``python_bindings/cpu_module.cpp`` and ``python_bindings/cpu/*.cpp``
-  (compiler: ``$CXX`` or ``g++``).
+  ``csrc/cpu/*.cpp`` and ``python_bindings/cpu_module.cpp`` (compiler: ``$CXX`` or ``g++``).
 * CUDA: ``nvcc -O3 -shared -Xcompiler -fPIC -std=c++17 -arch=sm_90`` (``$EMOKERNELS_CUDA_ARCH``
-  overrides ``sm_90``) over ``csrc/cuda/*.cu``, ``python_bindings/cuda_module.cpp`` and
-  ``python_bindings/cuda/*.cpp``. Only attempted when ``torch.cuda.is_available()``
-  (see :mod:`emokernels.ops.backends`).
+  overrides ``sm_90``) over ``csrc/cuda/*.cu`` and ``python_bindings/cuda_module.cpp``. Only
+  attempted when ``torch.cuda.is_available()`` (see :mod:`emokernels.ops.backends`).
+
+The entry points are declared once, in ``csrc/include/emk_ops.h``; each module file binds each
+of them with one ``m.def``.
 
 Each translation unit is compiled to an object file cached by the hash of its text, the shared
 headers, the flags and the Python version (objects are compiled in parallel), then linked. The
@@ -18,9 +19,6 @@ module lands in ``$EMOKERNELS_BUILD_DIR`` or ``~/.cache/emokernels/build/<hash>/
 ``<hash>`` covers every source, header, flag and the Python version. Outputs are written to a
 temporary name and moved into place with :func:`os.replace`, so concurrent builders never see a
 half-written file. A compile failure raises :class:`BuildError` carrying the compiler output.
-
-A ``bind_<op>`` declared in a module file whose ``python_bindings/<kind>/<op>_bind.cpp`` does not
-exist yet gets an empty stub (with a warning), so the module links while ops are being added.
 """
 from __future__ import annotations
 
@@ -29,14 +27,10 @@ import hashlib
 import importlib.machinery
 import importlib.util
 import os
-import re
 import shlex
-import shutil
 import subprocess
 import sys
 import sysconfig
-import tempfile
-import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -73,13 +67,12 @@ def native_source_root() -> Path:
     )
 
 
-def _sources(kind: str) -> tuple[Path, list[Path], list[Path], Path]:
+def _sources(kind: str) -> tuple[Path, list[Path], Path]:
     root = native_source_root()
     spec = _KINDS[kind]
     kernels = sorted((root / "csrc" / spec["kernel_dir"]).glob("*" + spec["kernel_ext"]))
     module_file = root / "python_bindings" / f"{kind}_module.cpp"
-    binds = sorted((root / "python_bindings" / kind).glob("*.cpp"))
-    return root, kernels, binds, module_file
+    return root, kernels, module_file
 
 
 def _headers(root: Path) -> list[Path]:
@@ -117,23 +110,6 @@ def _hash(*parts: bytes) -> str:
     return hsh.hexdigest()[:16]
 
 
-def _stub_source(kind: str, module_file: Path, binds: list[Path]) -> str | None:
-    declared = re.findall(r"^\s*void\s+(bind_\w+)\s*\(", module_file.read_text(), re.M)
-    present = {p.stem[: -len("_bind")] for p in binds if p.stem.endswith("_bind")}
-    missing = [name for name in declared if name[len("bind_"):] not in present]
-    if not missing:
-        return None
-    warnings.warn(
-        f"emokernels_{kind}: no python_bindings/{kind}/<op>_bind.cpp for "
-        f"{', '.join(missing)}; building empty stubs (those ops are unavailable in this backend)",
-        RuntimeWarning,
-        stacklevel=3,
-    )
-    body = "namespace pybind11 { class module_; }\n"
-    body += "".join(f"void {n}(pybind11::module_&) {{}}\n" for n in missing)
-    return body
-
-
 def build_base() -> Path:
     """``$EMOKERNELS_BUILD_DIR`` or ``~/.cache/emokernels/build``."""
     base = os.environ.get("EMOKERNELS_BUILD_DIR")
@@ -157,7 +133,7 @@ def _run(cmd: list[str], what: str) -> None:
 
 
 def _build(kind: str, verbose: bool = False) -> Path:
-    root, kernels, binds, module_file = _sources(kind)
+    root, kernels, module_file = _sources(kind)
     compiler, cflags, ldflags = _flags(kind, root)
     if not module_file.is_file():
         raise BuildError(f"missing {module_file}")
@@ -165,10 +141,7 @@ def _build(kind: str, verbose: bool = False) -> Path:
     header_blob = b"".join(h.name.encode() + h.read_bytes() for h in headers)
     flag_blob = " ".join([*compiler, *cflags, *ldflags, sys.version]).encode()
 
-    stub = _stub_source(kind, module_file, binds)
-    units: list[tuple[str, bytes]] = [(str(p), p.read_bytes()) for p in [*kernels, module_file, *binds]]
-    if stub is not None:
-        units.append(("_stubs.cpp", stub.encode()))
+    units: list[tuple[str, bytes]] = [(str(p), p.read_bytes()) for p in [*kernels, module_file]]
     key = _hash(flag_blob, header_blob, *(name.encode() + text for name, text in units))
     out_dir = build_dir(kind, key)
     ext_suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
@@ -179,17 +152,12 @@ def _build(kind: str, verbose: bool = False) -> Path:
     obj_dir = build_base() / f"{kind}-objects"
     obj_dir.mkdir(parents=True, exist_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp_src = Path(tempfile.mkdtemp(prefix=f"emk-{kind}-", dir=out_dir))
 
     def compile_one(name: str, text: bytes) -> Path:
-        suffix = Path(name).suffix
         obj = obj_dir / f"{Path(name).stem}-{_hash(flag_blob, header_blob, text)}.o"
         if obj.is_file():
             return obj
         src = Path(name)
-        if not src.is_absolute():  # generated stub
-            src = tmp_src / ("stubs" + suffix)
-            src.write_bytes(text)
         tmp_obj = obj.with_name(f"{obj.name}.{os.getpid()}.tmp.o")
         cmd = [*compiler, *cflags, "-c", str(src), "-o", str(tmp_obj)]
         if verbose:
@@ -198,16 +166,13 @@ def _build(kind: str, verbose: bool = False) -> Path:
         os.replace(tmp_obj, obj)
         return obj
 
-    try:
-        workers = max(1, min(len(units), os.cpu_count() or 1))
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            objs = list(pool.map(lambda u: compile_one(*u), units))
-        tmp_target = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-        cmd = [*compiler, *ldflags, *map(str, objs), "-o", str(tmp_target)]
-        _run(cmd, f"linking emokernels_{kind}")
-        os.replace(tmp_target, target)
-    finally:
-        shutil.rmtree(tmp_src, ignore_errors=True)
+    workers = max(1, min(len(units), os.cpu_count() or 1))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        objs = list(pool.map(lambda u: compile_one(*u), units))
+    tmp_target = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    cmd = [*compiler, *ldflags, *map(str, objs), "-o", str(tmp_target)]
+    _run(cmd, f"linking emokernels_{kind}")
+    os.replace(tmp_target, target)
     return target
 
 

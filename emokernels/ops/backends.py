@@ -154,8 +154,8 @@ def stream_args(backend: str, t: torch.Tensor) -> tuple:
 def native_fn(backend: str, name: str) -> Callable | None:
     """Function ``name`` of the native module of ``backend`` ("cpu" or "cuda"), or None.
 
-    None (with a one-time warning) when the module was built without that op (for instance a
-    stubbed ``bind_<op>``); callers then use the reference.
+    None (with a one-time warning) when the module cannot be built or has no such entry point;
+    callers then use the reference.
     """
     mod = cpu_ext() if backend == "cpu" else cuda_ext()
     fn = getattr(mod, name, None) if mod is not None else None

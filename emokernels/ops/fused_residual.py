@@ -56,18 +56,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backends import (DTYPE_CODE, FLOATS, acc_dtype, cuda_stream_ptr, native_fn, resolve_backend, trace_reference,
-                       warn_once)
+from ._op import HAS_TRITON, KernelOp
+from .backends import DTYPE_CODE, FLOATS, acc_dtype, contiguous, cuda_stream_ptr, f32_contiguous, native_fn, warn_once
 from .capture_project import capture_project_reference
 from .gather_add import gather_add_reference
 
-try:  # Triton is optional (CPU-only installs)
+if HAS_TRITON:
     import triton
     import triton.language as tl
-
-    _HAS_TRITON = True
-except Exception:  # pragma: no cover - exercised only without triton
-    _HAS_TRITON = False
 
 __all__ = ["fused_add_rmsnorm", "fused_add_rmsnorm_reference", "MAX_K", "CUDA_MAX_D"]
 
@@ -109,7 +105,7 @@ def fused_add_rmsnorm_reference(residual: Tensor, delta: Tensor, table: Optional
 # --------------------------------------------------------------------------------------------
 # Triton kernel: one program per (b, t) row, the whole row in one BLOCK = next_pow2(d) tile
 # --------------------------------------------------------------------------------------------
-if _HAS_TRITON:
+if HAS_TRITON:
 
     @triton.jit
     def _fused_add_rmsnorm_kernel(m_ptr, n_ptr, P_ptr, res_ptr, delta_ptr, table_ptr,
@@ -213,11 +209,11 @@ def _run_cuda(L):
         return _run_reference(L)
     res = L[3]
     if res.shape[-1] > CUDA_MAX_D:
-        alt = "triton" if _HAS_TRITON else "reference"
+        alt = "triton" if HAS_TRITON else "reference"
         warn_once(("fused_add_rmsnorm", "cuda-d"),
                   f"emokernels: the fused_add_rmsnorm cuda kernel takes d <= {CUDA_MAX_D}; "
                   f"using {alt!r} for d = {res.shape[-1]}")
-        return _run_triton(L) if _HAS_TRITON else _run_reference(L)
+        return _run_triton(L) if HAS_TRITON else _run_reference(L)
     fn(*_native_args(L), cuda_stream_ptr(res))
 
 
@@ -257,30 +253,16 @@ def _forward(backend: str, residual, delta, table, row_idx, strength, pos_mask, 
             n = out[1].copy_(n) if n is not None else None
             P = out[2].copy_(P) if P is not None else None
         return m, n, P
-    if not residual.is_contiguous():
-        residual = residual.contiguous()
-    if not delta.is_contiguous():
-        delta = delta.contiguous()
+    residual, delta, gamma = contiguous(residual), contiguous(delta), contiguous(gamma)
     shape = residual.shape
     dev = residual.device
     if table is not None:
-        if not table.is_contiguous():
-            table = table.contiguous()
-        if not row_idx.is_contiguous():
-            row_idx = row_idx.contiguous()
-        if not pos_mask.is_contiguous():
-            pos_mask = pos_mask.contiguous()
-        if strength.dtype != torch.float32 or not strength.is_contiguous():
-            strength = strength.to(torch.float32).contiguous()
-    if gamma is not None and not gamma.is_contiguous():
-        gamma = gamma.contiguous()
+        table, row_idx, pos_mask = contiguous(table), contiguous(row_idx), contiguous(pos_mask)
+        strength = f32_contiguous(strength)
     K = 0
     P = None
     if directions is not None:
-        if directions.dtype != torch.float32 or not directions.is_contiguous():
-            directions = directions.to(torch.float32).contiguous()
-        if not readout.is_contiguous():
-            readout = readout.contiguous()
+        directions, readout = f32_contiguous(directions), contiguous(readout)
         K = directions.shape[0]
         P = torch.empty((shape[0], K), dtype=torch.float32, device=dev) if out is None else out[2]
     if out is None:
@@ -295,13 +277,6 @@ def _forward(backend: str, residual, delta, table, row_idx, strength, pos_mask, 
     elif P is not None:
         P.zero_()
     return m, n, P
-
-
-def _forward_tensors(*args):
-    """:func:`_forward` with empty [0] tensors for absent outputs (autograd / custom op)."""
-    m, n, P = _forward(*args)
-    res = args[1]
-    return (m, n if n is not None else res.new_empty((0,)), P if P is not None else res.new_empty((0,)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,45 +332,8 @@ def _backward(gm, gn, gP, residual, delta, table, row_idx, strength, pos_mask, r
     return grad_res, grad_delta, grad_table, grad_strength, grad_gamma, grad_dir
 
 
-class _FusedAddRMSNormFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, residual, delta, table, row_idx, strength, pos_mask, rms_scale, gamma, eps,
-                gemma, directions, readout, edit_eps, backend):
-        ctx.save_for_backward(residual, delta, table, row_idx, strength, pos_mask, gamma,
-                              directions, readout)
-        ctx.cfg = (rms_scale, eps, gemma, edit_eps)
-        return _forward_tensors(backend, residual, delta, table, row_idx, strength, pos_mask,
-                                rms_scale, gamma, eps, gemma, directions, readout, edit_eps)
-
-    @staticmethod
-    def backward(ctx, gm, gn, gP):
-        res, delta, table, row_idx, strength, pos_mask, gamma, directions, readout = ctx.saved_tensors
-        rms_scale, eps, gemma, edit_eps = ctx.cfg
-        n = ctx.needs_input_grad
-        gr, gd, gt, gs, gg, gdir = _backward(gm, gn, gP, res, delta, table, row_idx, strength,
-                                             pos_mask, rms_scale, gamma, eps, gemma, directions,
-                                             readout, edit_eps, (n[0], n[1], n[2], n[4], n[7], n[10]))
-        return gr, gd, gt, None, gs, None, None, gg, None, None, gdir, None, None, None
-
-
-# --------------------------------------------------------------------------------------------
-# custom op (torch.compile sees one opaque node)
-# --------------------------------------------------------------------------------------------
-@torch.library.custom_op("emokernels::fused_add_rmsnorm", mutates_args=())
-def _fused_add_rmsnorm_op(residual: Tensor, delta: Tensor, table: Optional[Tensor],
-                          row_idx: Optional[Tensor], strength: Optional[Tensor],
-                          pos_mask: Optional[Tensor], rms_scale: bool, gamma: Optional[Tensor],
-                          eps: float, gemma: bool, directions: Optional[Tensor],
-                          readout: Optional[Tensor], edit_eps: float,
-                          backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    be = resolve_backend(residual.device, backend or None)
-    return _forward_tensors(be, residual, delta, table, row_idx, strength, pos_mask, rms_scale,
-                            gamma, eps, gemma, directions, readout, edit_eps)
-
-
-@_fused_add_rmsnorm_op.register_fake
-def _(residual, delta, table, row_idx, strength, pos_mask, rms_scale, gamma, eps, gemma,
-      directions, readout, edit_eps, backend):
+def _fake(residual, delta, table, row_idx, strength, pos_mask, rms_scale, gamma, eps, gemma,
+          directions, readout, edit_eps):
     mdt = torch.promote_types(residual.dtype, delta.dtype)
     m = residual.new_empty(residual.shape, dtype=mdt)
     if gamma is None:
@@ -412,31 +350,24 @@ def _(residual, delta, table, row_idx, strength, pos_mask, rms_scale, gamma, eps
     return m, n, P
 
 
-def _op_setup_context(ctx, inputs, output):
-    (residual, delta, table, row_idx, strength, pos_mask, rms_scale, gamma, eps, gemma,
-     directions, readout, edit_eps, _backend) = inputs
-    ctx.save_for_backward(residual, delta, table, row_idx, strength, pos_mask, gamma, directions,
-                          readout)
-    ctx.cfg = (rms_scale, eps, gemma, edit_eps)
+def _backward_args(args, grads, needs, op):
+    gr, gd, gt, gs, gg, gdir = _backward(*grads, *args, (needs[0], needs[1], needs[2], needs[4],
+                                                         needs[7], needs[10]))
+    return gr, gd, gt, None, gs, None, None, gg, None, None, gdir, None, None
 
 
-def _op_backward(ctx, gm, gn, gP):
-    return _FusedAddRMSNormFn.backward(ctx, gm, gn, gP)
-
-
-_fused_add_rmsnorm_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+_OP = KernelOp(
+    "fused_add_rmsnorm",
+    "(Tensor residual, Tensor delta, Tensor? table, Tensor? row_idx, Tensor? strength, "
+    "Tensor? pos_mask, bool rms_scale, Tensor? gamma, float eps, bool gemma, Tensor? directions, "
+    "Tensor? readout, float edit_eps, str backend) -> (Tensor, Tensor, Tensor)",
+    reference=fused_add_rmsnorm_reference, forward=_forward, backward=_backward_args, fake=_fake,
+    grad_args=(0, 1, 2, 4, 7, 10))
 
 
 # --------------------------------------------------------------------------------------------
 # dispatch without validation (the fused decoder layers call this on the hot path)
 # --------------------------------------------------------------------------------------------
-def _needs_grad(*ts) -> bool:
-    for t in ts:
-        if t is not None and t.requires_grad:
-            return True
-    return False
-
-
 def fused_add_rmsnorm_unchecked(backend: str, requested: str, residual, delta, table, row_idx,
                                 strength, pos_mask, rms_scale, gamma, eps, gemma, directions,
                                 readout, edit_eps=EDIT_EPS):
@@ -446,23 +377,11 @@ def fused_add_rmsnorm_unchecked(backend: str, requested: str, residual, delta, t
     the default), passed to the custom op under ``torch.compile``. Callers validate once (the
     fused layers do at patch time). ``rms_scale``, ``gemma`` bool; ``eps``, ``edit_eps`` float.
     """
-    if torch.compiler.is_compiling() and trace_reference(requested or None):
-        return fused_add_rmsnorm_reference(residual, delta, table, row_idx, strength, pos_mask, rms_scale,
-                                           gamma, eps, gemma, directions, readout, edit_eps)
-    if torch.is_grad_enabled() and _needs_grad(residual, delta, table, strength, gamma, directions):
-        if torch.compiler.is_compiling():
-            return torch.ops.emokernels.fused_add_rmsnorm(
-                residual, delta, table, row_idx, strength, pos_mask, rms_scale, gamma, eps,
-                gemma, directions, readout, edit_eps, requested)
-        return _FusedAddRMSNormFn.apply(residual, delta, table, row_idx, strength, pos_mask,
-                                        rms_scale, gamma, eps, gemma, directions, readout,
-                                        edit_eps, backend)
     if torch.compiler.is_compiling():
-        return torch.ops.emokernels.fused_add_rmsnorm(
-            residual, delta, table, row_idx, strength, pos_mask, rms_scale, gamma, eps, gemma,
-            directions, readout, edit_eps, requested)
-    return _forward(backend, residual, delta, table, row_idx, strength, pos_mask, rms_scale,
-                    gamma, eps, gemma, directions, readout, edit_eps)
+        return _OP(requested or None, residual, delta, table, row_idx, strength, pos_mask,
+                   rms_scale, gamma, eps, gemma, directions, readout, edit_eps)
+    return _OP.run(backend, residual, delta, table, row_idx, strength, pos_mask, rms_scale, gamma,
+                   eps, gemma, directions, readout, edit_eps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -538,10 +457,8 @@ def fused_add_rmsnorm(residual: Tensor, delta: Tensor, table: Optional[Tensor] =
         ``gamma``. ``m``, ``n`` in the activation dtype, ``P`` fp32 [B, K].
     """
     _check(residual, delta, table, row_idx, strength, pos_mask, gamma, directions, readout)
-    be = "reference" if torch.compiler.is_compiling() else resolve_backend(residual.device, backend)
-    m, n, P = fused_add_rmsnorm_unchecked(be, backend or "", residual, delta, table, row_idx,
-                                          strength, pos_mask, bool(rms_scale), gamma, float(eps),
-                                          bool(gemma), directions, readout, float(edit_eps))
+    m, n, P = _OP(backend, residual, delta, table, row_idx, strength, pos_mask, bool(rms_scale),
+                  gamma, float(eps), bool(gemma), directions, readout, float(edit_eps))
     n = n if gamma is not None else None
     P = P if directions is not None else None
     return (m, n) if directions is None else (m, n, P)
