@@ -35,6 +35,8 @@ auto entry(const char* name, int64_t (*fn)(Args...)) {
 
 }  // namespace
 
+#define EMK_BIND(name, ...) m.def(#name, entry(#name, &emk_##name##_cpu));
+
 PYBIND11_MODULE(emokernels_cpu, m) {
     m.doc() = "emokernels CPU kernels (OpenMP, torch-free; raw pointers). See csrc/include/emk_ops.h.";
     m.def("num_threads", []() {
@@ -44,8 +46,5 @@ PYBIND11_MODULE(emokernels_cpu, m) {
         return 1;
 #endif
     });
-    m.def("gather_add", entry("gather_add", &emk_gather_add_cpu));
-    m.def("capture_project", entry("capture_project", &emk_capture_project_cpu));
-    m.def("sparse_edit", entry("sparse_edit", &emk_sparse_edit_cpu));
-    m.def("fused_add_rmsnorm", entry("fused_add_rmsnorm", &emk_fused_add_rmsnorm_cpu));
+    EMK_ENTRY_POINTS(EMK_BIND)  // one m.def per entry point of emk_ops.h
 }

@@ -36,10 +36,9 @@ auto entry(const char* name, int (*fn)(Args...)) {
 
 }  // namespace
 
+#define EMK_BIND(name, ...) m.def(#name, entry(#name, &emk_##name##_cuda));
+
 PYBIND11_MODULE(emokernels_cuda, m) {
     m.doc() = "emokernels CUDA kernels (torch-free; raw device pointers + stream). See csrc/include/emk_ops.h.";
-    m.def("gather_add", entry("gather_add", &emk_gather_add_cuda));
-    m.def("capture_project", entry("capture_project", &emk_capture_project_cuda));
-    m.def("sparse_edit", entry("sparse_edit", &emk_sparse_edit_cuda));
-    m.def("fused_add_rmsnorm", entry("fused_add_rmsnorm", &emk_fused_add_rmsnorm_cuda));
+    EMK_ENTRY_POINTS(EMK_BIND)  // one m.def per entry point of emk_ops.h
 }

@@ -1,4 +1,4 @@
-// emk_ops.h: the entry points of the native kernels, one block per op: the CPU function of
+// emk_ops.h: the entry points of the native kernels, one entry per op: the CPU function of
 // csrc/cpu/<op>.cpp and the CUDA launcher of csrc/cuda/<op>.cu. Math, shapes and dtypes: the
 // docstring of emokernels/ops/<op>.py. Bound one m.def each in python_bindings/<kind>_module.cpp.
 //
@@ -13,30 +13,30 @@
 
 #include <cstdint>
 
-#define EMK_CPU_CUDA(name, ...)                  \
-    int64_t name##_cpu(__VA_ARGS__);             \
-    extern "C" int name##_cuda(__VA_ARGS__, uintptr_t stream)
+// EMK_ENTRY_POINTS(X) calls X(name, args...) once per op: this list declares the CPU function
+// emk_<name>_cpu(args) and the CUDA launcher emk_<name>_cuda(args, stream) below, and the module
+// files bind both as <name> (adding an op with native kernels is one entry here).
+#define EMK_ENTRY_POINTS(X)                                                                        \
+    /* out[b,t] = h[b,t] + pos_mask[b,t] * strength[b] * (rms(h[b,t]) if rms_scale) * table[row_idx[b]] */ \
+    X(gather_add, uintptr_t out, uintptr_t h, uintptr_t table, uintptr_t row_idx,                  \
+      uintptr_t strength, uintptr_t pos_mask, int64_t B, int64_t T, int64_t d, int64_t E,          \
+      int h_dtype, int table_dtype, bool rms_scale, float eps)                                     \
+    /* P[b,k] = <h[b,index[b]], directions[k]> (fp32); rows[b] = h[b,index[b]] unless rows == 0 */ \
+    X(capture_project, uintptr_t P, uintptr_t rows, uintptr_t h, uintptr_t directions,             \
+      uintptr_t index, int64_t B, int64_t T, int64_t d, int64_t K, int h_dtype, int dir_dtype)     \
+    /* out = a; out[b,t,index[j]*group + i] = a[..] * scale[row_idx[b],j] + strength[b] * add[row_idx[b],j,i] */ \
+    X(sparse_edit, uintptr_t out, uintptr_t a, uintptr_t index, uintptr_t scale, uintptr_t add,    \
+      uintptr_t row_idx, uintptr_t strength, uintptr_t pos_mask, int64_t B, int64_t T, int64_t N,  \
+      int64_t group, int64_t n, int64_t E, int dtype)                                              \
+    /* m = residual + delta (+ edit), n = RMSNorm(m) * gamma, P = m[readout] @ dirs^T */           \
+    X(fused_add_rmsnorm, uintptr_t m, uintptr_t n, uintptr_t P, uintptr_t residual,                \
+      uintptr_t delta, uintptr_t table, uintptr_t row_idx, uintptr_t strength, uintptr_t pos_mask, \
+      uintptr_t gamma, uintptr_t dirs, uintptr_t readout, int64_t B, int64_t T, int64_t d,         \
+      int64_t E, int64_t K, int dtype, bool table_f32, bool has_edit, bool rms_scale,              \
+      bool has_norm, bool gemma, bool has_proj, float eps, float edit_eps)
 
-// out[b,t] = h[b,t] + pos_mask[b,t] * strength[b] * (rms(h[b,t]) if rms_scale) * table[row_idx[b]]
-EMK_CPU_CUDA(emk_gather_add, uintptr_t out, uintptr_t h, uintptr_t table, uintptr_t row_idx,
-             uintptr_t strength, uintptr_t pos_mask, int64_t B, int64_t T, int64_t d, int64_t E,
-             int h_dtype, int table_dtype, bool rms_scale, float eps);
-
-// P[b,k] = <h[b,index[b]], directions[k]> (fp32); rows[b] = h[b,index[b]] unless rows == 0
-EMK_CPU_CUDA(emk_capture_project, uintptr_t P, uintptr_t rows, uintptr_t h, uintptr_t directions,
-             uintptr_t index, int64_t B, int64_t T, int64_t d, int64_t K, int h_dtype,
-             int dir_dtype);
-
-// out = a; out[b,t,index[j]*group + i] = a[..] * scale[row_idx[b],j] + strength[b] * add[row_idx[b],j,i]
-EMK_CPU_CUDA(emk_sparse_edit, uintptr_t out, uintptr_t a, uintptr_t index, uintptr_t scale,
-             uintptr_t add, uintptr_t row_idx, uintptr_t strength, uintptr_t pos_mask, int64_t B,
-             int64_t T, int64_t N, int64_t group, int64_t n, int64_t E, int dtype);
-
-// m = residual + delta (+ edit), n = RMSNorm(m) * gamma, P = m[readout] @ dirs^T
-EMK_CPU_CUDA(emk_fused_add_rmsnorm, uintptr_t m, uintptr_t n, uintptr_t P, uintptr_t residual,
-             uintptr_t delta, uintptr_t table, uintptr_t row_idx, uintptr_t strength,
-             uintptr_t pos_mask, uintptr_t gamma, uintptr_t dirs, uintptr_t readout, int64_t B,
-             int64_t T, int64_t d, int64_t E, int64_t K, int dtype, bool table_f32, bool has_edit,
-             bool rms_scale, bool has_norm, bool gemma, bool has_proj, float eps, float edit_eps);
-
-#undef EMK_CPU_CUDA
+#define EMK_DECLARE(name, ...)                   \
+    int64_t emk_##name##_cpu(__VA_ARGS__);       \
+    extern "C" int emk_##name##_cuda(__VA_ARGS__, uintptr_t stream);
+EMK_ENTRY_POINTS(EMK_DECLARE)
+#undef EMK_DECLARE

@@ -34,7 +34,7 @@ import sysconfig
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["BuildError", "native_source_root", "build_base", "build_dir", "build_cpu", "build_cuda", "load_module"]
+__all__ = ["BuildError", "native_source_root", "build_base", "build_cpu", "build_cuda", "load_module"]
 
 _KINDS = {
     "cpu": dict(module="emokernels_cpu", kernel_dir="cpu", kernel_ext=".cpp"),
@@ -116,10 +116,6 @@ def build_base() -> Path:
     return Path(base) if base else Path.home() / ".cache" / "emokernels" / "build"
 
 
-def build_dir(kind: str, key: str) -> Path:
-    return build_base() / f"{kind}-{key}"
-
-
 def _run(cmd: list[str], what: str) -> None:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -143,7 +139,7 @@ def _build(kind: str, verbose: bool = False) -> Path:
 
     units: list[tuple[str, bytes]] = [(str(p), p.read_bytes()) for p in [*kernels, module_file]]
     key = _hash(flag_blob, header_blob, *(name.encode() + text for name, text in units))
-    out_dir = build_dir(kind, key)
+    out_dir = build_base() / f"{kind}-{key}"
     ext_suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
     target = out_dir / (_KINDS[kind]["module"] + ext_suffix)
     if target.is_file():

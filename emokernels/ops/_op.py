@@ -9,12 +9,12 @@ An op file gives
 * ``backward(args, grads, needs, op)``: one gradient per argument (``needs`` are the
   ``needs_input_grad`` flags; ``op(*args)`` calls the op itself, traceably, e.g. for an edit whose
   input gradient is the edit again);
-* ``fake(*args)``: output shapes and dtypes (the meta kernel);
 * ``schema``: the ``torch.library`` schema, ``str backend`` last.
 
 and the template makes the ``emokernels::<name>`` custom op (``torch.compile`` sees one opaque
-node), registers its fake and its autograd (once: eager calls that record autograd go through
-the same custom op), and :meth:`KernelOp.__call__`, the dispatch every public function ends in::
+node), registers its fake (the reference itself, run on fake tensors: shapes and dtypes cannot
+drift from the math) and its autograd (once: eager calls that record autograd go through the same
+custom op), and :meth:`KernelOp.__call__`, the dispatch every public function ends in::
 
     compiling:   reference(*args)                 unless a native backend was asked for by name
                  torch.ops.emokernels.<name>(*args, requested)
@@ -31,16 +31,15 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .backends import native_fn, resolve_backend, stream_args, trace_reference
+from .backends import native_fn, resolve_backend, stream_args, trace_reference, triton_available
 
 __all__ = ["KernelOp", "runners", "HAS_TRITON"]
 
-try:  # Triton is optional (CPU-only installs)
-    import triton  # noqa: F401
+HAS_TRITON = triton_available()  # Triton is optional (CPU-only installs)
 
-    HAS_TRITON = True
-except Exception:  # pragma: no cover - exercised only without triton
-    HAS_TRITON = False
+# (backend, name) -> the bound native function, or None (looked up once: the hot path of the
+# fused layers calls a runner per layer and token)
+_NATIVE: dict = {}
 
 
 def runners(name: str, reference: Callable, triton_fn: Callable | None, native_args: Callable) -> dict:
@@ -53,7 +52,9 @@ def runners(name: str, reference: Callable, triton_fn: Callable | None, native_a
     warning).
     """
     def native(backend, *args):
-        fn = native_fn(backend, name)
+        fn = _NATIVE.get((backend, name), _NATIVE)
+        if fn is _NATIVE:
+            fn = _NATIVE[(backend, name)] = native_fn(backend, name)
         if fn is None:
             return reference(*args)
         fn(*native_args(*args), *stream_args(backend, args[0]))
@@ -62,12 +63,20 @@ def runners(name: str, reference: Callable, triton_fn: Callable | None, native_a
             "cuda": functools.partial(native, "cuda")}
 
 
+def _as_tensors(out, like: Tensor):
+    """A custom op returns tensors: empty ones (on ``like``'s device) for absent (None) outputs."""
+    if isinstance(out, tuple):
+        return tuple(like.new_empty((0,)) if t is None else t for t in out)
+    return out
+
+
 class KernelOp:
     """One op: the custom op, its fake and autograd, and the eager / compiled dispatch."""
 
     def __init__(self, name: str, schema: str, *, reference: Callable, forward: Callable,
-                 backward: Callable, fake: Callable, grad_args: Sequence[int],
-                 compiled_reference: Callable | None = None):
+                 backward: Callable, grad_args: Sequence[int], compiled_reference: Callable | None = None):
+        """``compiled_reference``: the reference with the custom op's output structure (default
+        ``reference``); ``grad_args``: positions of the arguments that may require grad."""
         self.name = name
         self.reference = reference
         self.compiled_reference = compiled_reference or reference
@@ -76,17 +85,14 @@ class KernelOp:
         self.grad_args = tuple(grad_args)
         lib_op = torch.library.custom_op(f"emokernels::{name}", self._impl, mutates_args=(),
                                          schema=schema)
-        lib_op.register_fake(lambda *a: fake(*a[:-1]))
+        lib_op.register_fake(lambda *a: _as_tensors(self.compiled_reference(*a[:-1]), a[0]))
         lib_op.register_autograd(self._backward, setup_context=self._setup_context)
         self.custom_op = getattr(torch.ops.emokernels, name)
 
     # -- the custom op ----------------------------------------------------------------------
     def _impl(self, *args):
         *args, backend = args
-        out = self.forward(resolve_backend(args[0].device, backend or None), *args)
-        if isinstance(out, tuple):  # a custom op returns tensors: empty ones for absent parts
-            out = tuple(args[0].new_empty((0,)) if t is None else t for t in out)
-        return out
+        return _as_tensors(self.forward(resolve_backend(args[0].device, backend or None), *args), args[0])
 
     @staticmethod
     def _setup_context(ctx, inputs, output):

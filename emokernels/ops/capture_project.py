@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ._op import HAS_TRITON, KernelOp, runners
-from .backends import DTYPE_CODE, FLOATS, acc_dtype, contiguous
+from .backends import DTYPE_CODE, FLOATS, acc_dtype, check_devices, contiguous
 
 if HAS_TRITON:
     import triton
@@ -155,13 +155,6 @@ def _backward(grad_P, grad_rows, h, directions, index, need_h, need_dir):
     return grad_h, grad_dir
 
 
-def _fake(h, directions, index, copy_rows):
-    B, _, d = h.shape
-    P = h.new_empty((B, directions.shape[0]), dtype=acc_dtype(h, directions))
-    rows = h.new_empty((B, d)) if copy_rows else h.new_empty((0,))
-    return P, rows
-
-
 def _compiled_reference(h, directions, index, copy_rows):
     if copy_rows:
         return capture_project_reference(h, directions, index, True)
@@ -173,7 +166,7 @@ _OP = KernelOp(
     "(Tensor h, Tensor directions, Tensor index, bool copy_rows, str backend) -> (Tensor, Tensor)",
     reference=capture_project_reference, compiled_reference=_compiled_reference, forward=_forward,
     backward=lambda args, grads, needs, op: (*_backward(*grads, *args[:3], needs[0], needs[1]), None, None),
-    fake=_fake, grad_args=(0, 1))
+    grad_args=(0, 1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,9 +192,7 @@ def _check(h, directions, index):
                         f"reference only); got h {h.dtype}, directions {directions.dtype}")
     if index.dtype != torch.int64:
         raise TypeError(f"capture_project: index must be int64, got {index.dtype}")
-    if directions.device != h.device or index.device != h.device:
-        raise ValueError(f"capture_project: all tensors must be on {h.device}; got directions "
-                         f"{directions.device}, index {index.device}")
+    check_devices("capture_project", h.device, directions=directions, index=index)
 
 
 def capture_project(h: Tensor, directions: Tensor, index: Tensor, copy_rows: bool = False,

@@ -56,8 +56,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._op import HAS_TRITON, KernelOp
-from .backends import DTYPE_CODE, FLOATS, acc_dtype, contiguous, cuda_stream_ptr, f32_contiguous, native_fn, warn_once
+from ._op import HAS_TRITON, KernelOp, runners
+from .backends import DTYPE_CODE, FLOATS, acc_dtype, check_devices, contiguous, f32_contiguous, warn_once
 from .capture_project import capture_project_reference
 from .gather_add import gather_add_reference
 
@@ -148,9 +148,8 @@ if HAS_TRITON:
                     tl.store(P_ptr + b * K + k, tl.sum(m * dk, axis=0))
 
 
-def _run_triton(L):
-    (m, n, P, res, delta, table, row_idx, strength, pos_mask, rms_scale, gamma, eps, gemma,
-     directions, readout, edit_eps, K) = L
+def _run_triton(m, n, P, res, delta, table, row_idx, strength, pos_mask, rms_scale, gamma, eps,
+                gemma, directions, readout, edit_eps, K):
     B, T, d = res.shape
     block = triton.next_power_of_2(d)
     _fused_add_rmsnorm_kernel[(B * T,)](
@@ -168,20 +167,8 @@ def _run_triton(L):
 # --------------------------------------------------------------------------------------------
 # native backends
 # --------------------------------------------------------------------------------------------
-_NATIVE: dict = {}
-
-
-def _native(kind: str):
-    """The bound ``fused_add_rmsnorm`` of the native module of ``kind``, or None (cached)."""
-    fn = _NATIVE.get(kind, _NATIVE)
-    if fn is _NATIVE:
-        fn = _NATIVE[kind] = native_fn(kind, "fused_add_rmsnorm")
-    return fn
-
-
-def _native_args(L):
-    (m, n, P, res, delta, table, row_idx, strength, pos_mask, rms_scale, gamma, eps, gemma,
-     directions, readout, edit_eps, K) = L
+def _native_args(m, n, P, res, delta, table, row_idx, strength, pos_mask, rms_scale, gamma, eps,
+                 gemma, directions, readout, edit_eps, K):
     B, T, d = res.shape
     edit = table is not None
     return (m.data_ptr(), 0 if n is None else n.data_ptr(), 0 if P is None else P.data_ptr(),
@@ -196,30 +183,8 @@ def _native_args(L):
             directions is not None, eps, edit_eps)
 
 
-def _run_cpu(L):
-    fn = _native("cpu")
-    if fn is None:
-        return _run_reference(L)
-    fn(*_native_args(L))
-
-
-def _run_cuda(L):
-    fn = _native("cuda")
-    if fn is None:
-        return _run_reference(L)
-    res = L[3]
-    if res.shape[-1] > CUDA_MAX_D:
-        alt = "triton" if HAS_TRITON else "reference"
-        warn_once(("fused_add_rmsnorm", "cuda-d"),
-                  f"emokernels: the fused_add_rmsnorm cuda kernel takes d <= {CUDA_MAX_D}; "
-                  f"using {alt!r} for d = {res.shape[-1]}")
-        return _run_triton(L) if HAS_TRITON else _run_reference(L)
-    fn(*_native_args(L), cuda_stream_ptr(res))
-
-
-def _run_reference(L):
-    (m, n, P, res, delta, table, row_idx, strength, pos_mask, rms_scale, gamma, eps, gemma,
-     directions, readout, edit_eps, K) = L
+def _run_reference(m, n, P, res, delta, table, row_idx, strength, pos_mask, rms_scale, gamma,
+                   eps, gemma, directions, readout, edit_eps, K):
     rm, rn, rP = fused_add_rmsnorm_reference(res, delta, table, row_idx, strength, pos_mask,
                                              rms_scale, gamma, eps, gemma, directions, readout,
                                              edit_eps)
@@ -230,7 +195,22 @@ def _run_reference(L):
         P.copy_(rP)
 
 
-_RUNNERS = {"reference": _run_reference, "cpu": _run_cpu, "triton": _run_triton, "cuda": _run_cuda}
+_RUNNERS = runners("fused_add_rmsnorm", _run_reference, HAS_TRITON and _run_triton, _native_args)
+_run_cuda_kernel = _RUNNERS["cuda"]
+
+
+def _run_cuda(*args):
+    d = args[3].shape[-1]
+    if d > CUDA_MAX_D:
+        alt = "triton" if HAS_TRITON else "reference"
+        warn_once(("fused_add_rmsnorm", "cuda-d"),
+                  f"emokernels: the fused_add_rmsnorm cuda kernel takes d <= {CUDA_MAX_D}; "
+                  f"using {alt!r} for d = {d}")
+        return (_run_triton if HAS_TRITON else _run_reference)(*args)
+    _run_cuda_kernel(*args)
+
+
+_RUNNERS["cuda"] = _run_cuda
 
 
 def _forward(backend: str, residual, delta, table, row_idx, strength, pos_mask, rms_scale, gamma,
@@ -271,9 +251,9 @@ def _forward(backend: str, residual, delta, table, row_idx, strength, pos_mask, 
     else:
         m, n = out[0], (out[1] if gamma is not None else None)
     if residual.numel() > 0:
-        _RUNNERS[backend]((m, n, P, residual, delta, table, row_idx, strength, pos_mask,
-                           bool(rms_scale), gamma, float(eps), bool(gemma), directions, readout,
-                           float(edit_eps), K))
+        _RUNNERS[backend](m, n, P, residual, delta, table, row_idx, strength, pos_mask,
+                          bool(rms_scale), gamma, float(eps), bool(gemma), directions, readout,
+                          float(edit_eps), K)
     elif P is not None:
         P.zero_()
     return m, n, P
@@ -332,24 +312,6 @@ def _backward(gm, gn, gP, residual, delta, table, row_idx, strength, pos_mask, r
     return grad_res, grad_delta, grad_table, grad_strength, grad_gamma, grad_dir
 
 
-def _fake(residual, delta, table, row_idx, strength, pos_mask, rms_scale, gamma, eps, gemma,
-          directions, readout, edit_eps):
-    mdt = torch.promote_types(residual.dtype, delta.dtype)
-    m = residual.new_empty(residual.shape, dtype=mdt)
-    if gamma is None:
-        n = residual.new_empty((0,))
-    else:
-        n = residual.new_empty(residual.shape,
-                               dtype=mdt if gemma else torch.promote_types(gamma.dtype, mdt))
-    if directions is None:
-        P = residual.new_empty((0,))
-    else:
-        P = residual.new_empty((residual.shape[0], directions.shape[0]),
-                               dtype=torch.float64 if torch.float64 in (mdt, directions.dtype)
-                               else torch.float32)
-    return m, n, P
-
-
 def _backward_args(args, grads, needs, op):
     gr, gd, gt, gs, gg, gdir = _backward(*grads, *args, (needs[0], needs[1], needs[2], needs[4],
                                                          needs[7], needs[10]))
@@ -361,7 +323,7 @@ _OP = KernelOp(
     "(Tensor residual, Tensor delta, Tensor? table, Tensor? row_idx, Tensor? strength, "
     "Tensor? pos_mask, bool rms_scale, Tensor? gamma, float eps, bool gemma, Tensor? directions, "
     "Tensor? readout, float edit_eps, str backend) -> (Tensor, Tensor, Tensor)",
-    reference=fused_add_rmsnorm_reference, forward=_forward, backward=_backward_args, fake=_fake,
+    reference=fused_add_rmsnorm_reference, forward=_forward, backward=_backward_args,
     grad_args=(0, 1, 2, 4, 7, 10))
 
 
@@ -396,13 +358,9 @@ def _check(residual, delta, table, row_idx, strength, pos_mask, gamma, direction
     if residual.dtype not in FLOATS or delta.dtype not in FLOATS:
         raise TypeError(f"{name}: residual and delta must be fp32/bf16/fp16 (fp64: reference "
                         f"only); got {residual.dtype}, {delta.dtype}")
-    dev = residual.device
-    others = [("delta", delta), ("table", table), ("row_idx", row_idx), ("strength", strength),
-              ("pos_mask", pos_mask), ("gamma", gamma), ("directions", directions),
-              ("readout", readout)]
-    for nm, t in others:
-        if t is not None and t.device != dev:
-            raise ValueError(f"{name}: all tensors must be on {dev}; {nm} is on {t.device}")
+    check_devices(name, residual.device, delta=delta, table=table, row_idx=row_idx,
+                  strength=strength, pos_mask=pos_mask, gamma=gamma, directions=directions,
+                  readout=readout)
     if table is not None:
         if table.dim() != 2 or table.shape[1] != d:
             raise ValueError(f"{name}: table must be [E, d] with d = {d}; table has shape "

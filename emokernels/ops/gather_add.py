@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from ._op import HAS_TRITON, KernelOp, runners
-from .backends import DTYPE_CODE, FLOATS, contiguous, f32_contiguous
+from .backends import DTYPE_CODE, FLOATS, check_devices, contiguous, f32_contiguous
 
 if HAS_TRITON:
     import triton
@@ -130,8 +130,10 @@ def _forward(backend: str, h, table, row_idx, strength, pos_mask, rms_scale, eps
 # --------------------------------------------------------------------------------------------
 # backward (analytic, torch)
 # --------------------------------------------------------------------------------------------
-def _backward(grad, h, table, row_idx, strength, pos_mask, rms_scale, eps, need_h, need_table,
-              need_strength):
+def _backward(args, grads, needs, op):
+    h, table, row_idx, strength, pos_mask, rms_scale, eps = args
+    grad = grads[0]
+    need_h, need_table, need_strength = needs[0], needs[1], needs[3]
     acc = torch.float64 if torch.float64 in (h.dtype, table.dtype, grad.dtype) else torch.float32
     g = grad.to(acc)
     d = h.shape[-1]
@@ -155,22 +157,14 @@ def _backward(grad, h, table, row_idx, strength, pos_mask, rms_scale, eps, need_
     if need_strength:
         w = m if r is None else m * r
         grad_strength = (w * gv).sum(1).to(strength.dtype)
-    return grad_h, grad_table, grad_strength
-
-
-def _backward_args(args, grads, needs, op):
-    h, table, row_idx, strength, pos_mask, rms_scale, eps = args
-    gh, gt, gs = _backward(grads[0], h, table, row_idx, strength, pos_mask, rms_scale, eps,
-                           needs[0], needs[1], needs[3])
-    return gh, gt, None, gs, None, None, None
+    return grad_h, grad_table, None, grad_strength, None, None, None
 
 
 _OP = KernelOp(
     "gather_add",
     "(Tensor h, Tensor table, Tensor row_idx, Tensor strength, Tensor pos_mask, bool rms_scale, "
     "float eps, str backend) -> Tensor",
-    reference=gather_add_reference, forward=_forward, backward=_backward_args,
-    fake=lambda h, *_: torch.empty(h.shape, dtype=h.dtype, device=h.device), grad_args=(0, 1, 3))
+    reference=gather_add_reference, forward=_forward, backward=_backward, grad_args=(0, 1, 3))
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,11 +195,8 @@ def _check(h, table, row_idx, strength, pos_mask):
         raise TypeError(f"gather_add: pos_mask must be bool, got {pos_mask.dtype}")
     if not strength.is_floating_point():
         raise TypeError(f"gather_add: strength must be a float tensor (fp32), got {strength.dtype}")
-    dev = h.device
-    if table.device != dev or row_idx.device != dev or strength.device != dev or pos_mask.device != dev:
-        raise ValueError(f"gather_add: all tensors must be on {dev}; got table {table.device}, "
-                         f"row_idx {row_idx.device}, strength {strength.device}, "
-                         f"pos_mask {pos_mask.device}")
+    check_devices("gather_add", h.device, table=table, row_idx=row_idx, strength=strength,
+                  pos_mask=pos_mask)
 
 
 def gather_add(h: Tensor, table: Tensor, row_idx: Tensor, strength: Tensor, pos_mask: Tensor,

@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 
 from ._op import HAS_TRITON, KernelOp, runners
-from .backends import DTYPE_CODE, FLOATS, acc_dtype, contiguous, f32_contiguous, opt_ptr
+from .backends import DTYPE_CODE, FLOATS, acc_dtype, check_devices, contiguous, f32_contiguous, opt_ptr
 
 if HAS_TRITON:
     import triton
@@ -217,8 +217,7 @@ _OP = KernelOp(
     "sparse_edit",
     "(Tensor a, Tensor index, int group, Tensor? scale_table, Tensor? add_table, Tensor row_idx, "
     "Tensor strength, Tensor pos_mask, str backend) -> Tensor",
-    reference=sparse_edit_reference, forward=_forward, backward=_backward,
-    fake=lambda a, *_: torch.empty(a.shape, dtype=a.dtype, device=a.device), grad_args=(0, 3, 4, 6))
+    reference=sparse_edit_reference, forward=_forward, backward=_backward, grad_args=(0, 3, 4, 6))
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,11 +263,8 @@ def _check(a, index, g, scale, add, row_idx, strength, pos_mask):
                          f"{pos_mask.dtype} {tuple(pos_mask.shape)}")
     if a.dtype not in FLOATS:
         raise TypeError(f"sparse_edit: a must be fp32/bf16/fp16 (fp64: reference only), got {a.dtype}")
-    dev = a.device
-    for name, t in (("index", index), ("scale_table", scale), ("add_table", add),
-                    ("row_idx", row_idx), ("strength", strength), ("pos_mask", pos_mask)):
-        if t is not None and t.device != dev:
-            raise ValueError(f"sparse_edit: all tensors must be on {dev}; {name} is on {t.device}")
+    check_devices("sparse_edit", a.device, index=index, scale_table=scale, add_table=add,
+                  row_idx=row_idx, strength=strength, pos_mask=pos_mask)
 
 
 def sparse_edit(a: Tensor, index: Tensor, group: int, scale_table: Optional[Tensor],

@@ -128,6 +128,7 @@ def test_cuda_launcher_gets_the_cpu_arguments_plus_the_stream(op, monkeypatch):
     name = op.split("/")[0]
     mod = importlib.import_module(f"emokernels.ops.{name}")
     calls = {}
+    monkeypatch.setattr(_op, "_NATIVE", {})  # forget the functions looked up before
     monkeypatch.setattr(_op, "native_fn", lambda backend, fn_name: lambda *a: calls.setdefault((backend, fn_name), a))
     monkeypatch.setattr(backends, "cuda_stream_ptr", lambda t: 12345)
     args = _launcher_inputs(op)
