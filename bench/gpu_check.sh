@@ -8,7 +8,8 @@
 #   device tool: run(command="bash bench/gpu_check.sh", timeout_s=600)
 # Sections (about 8 minutes on an H100/H200 in all):
 #   build       CUDA + CPU extensions (nvcc, ~15 s)
-#   tests       tests/gpu: kernels vs references, CUDA graphs, inductor, compiled patched decode
+#   tests       tests/gpu and the gpu-marked op tests of tests/ops: kernels vs references, CUDA
+#               graphs, inductor, compiled patched decode
 #   3b          random Llama-3.2-3B shape, bf16: every eager condition at 1x128, 8x128, 64x128,
 #               1x1024, 8x1024; decode under torch.compile(mode="reduce-overhead") at 1x128
 #   8b          random Llama-3-8B shape, bf16: the main eager conditions at 1x128 and 64x128
@@ -51,7 +52,7 @@ t = time.time()
 print("cpu ext:", backends.cpu_ext() is not None, backends.cpu_ext_error() or "", f"{time.time()-t:.1f}s")
 PY
 
-section tests 200 python3 -m pytest -q -p no:cacheprovider tests/gpu --junitxml="$OUTDIR/gpu_tests.xml" 2>&1 | tail -25
+section tests 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu tests/ops --junitxml="$OUTDIR/gpu_tests.xml" 2>&1 | tail -25
 
 section 3b 300 python3 bench/latency.py --models "$MODEL_3B" --shapes 1x128,8x128,64x128,1x1024,8x1024 \
   --rounds 6 --warmup 2 --compile reduce-overhead --compile-shapes 1x128 --suffix=-llama-3.2-3b 2>&1 | grep -v Warning | tail -90

@@ -1,26 +1,44 @@
-// pybind11 module `emokernels_cpu`: CPU (OpenMP) kernels of emokernels.
+// pybind11 module `emokernels_cpu`: the CPU (OpenMP) kernels, one m.def per entry point of
+// csrc/include/emk_ops.h. Torch-free: pointers, sizes and dtype codes arrive as integers.
 //
-// No torch headers here: every bound function takes raw data pointers as
-// uintptr_t (from tensor.data_ptr()), sizes and the dtype enum of
-// csrc/include/emk_common.h. Each op binds its functions in
-// python_bindings/cpu/<op>_bind.cpp, which defines `void bind_<op>(pybind11::module_&)`.
+// Every entry runs without the GIL. A refused call raises here: IndexError for an index out of
+// range (status > 0, the kernel's message), ValueError for an unknown dtype or a bad size (< 0).
 #include <pybind11/pybind11.h>
+
+#include <string>
 
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
-// one line per op: (declarations; neuron_edit/head_edit are already listed here for ops-2.
-// emokernels/ops/_build.py stubs a bind_<op> whose python_bindings/<kind>/<op>_bind.cpp
-// does not exist yet, with a warning, so the module links while ops are added.)
-void bind_gather_add(pybind11::module_&);
-void bind_capture_project(pybind11::module_&);
-void bind_neuron_edit(pybind11::module_&);
-void bind_head_edit(pybind11::module_&);
-void bind_fused_residual(pybind11::module_&);
+#include "emk_common.h"
+#include "emk_ops.h"
+
+namespace py = pybind11;
+
+namespace {
+
+// The Python function of one CPU entry point: same integer arguments, GIL released, status -> error.
+template <typename... Args>
+auto entry(const char* name, int64_t (*fn)(Args...)) {
+    return [name, fn](Args... args) {
+        int64_t status;
+        {
+            py::gil_scoped_release nogil;
+            status = fn(args...);
+        }
+        if (status > 0) throw py::index_error(std::string(name) + ": " + emk::last_error());
+        if (status == EMK_BAD_DTYPE) throw py::value_error(std::string(name) + ": unsupported dtype code");
+        if (status < 0) throw py::value_error(std::string(name) + ": bad argument");
+    };
+}
+
+}  // namespace
+
+#define EMK_BIND(name, ...) m.def(#name, entry(#name, &emk_##name##_cpu));
 
 PYBIND11_MODULE(emokernels_cpu, m) {
-    m.doc() = "emokernels CPU kernels (OpenMP, torch-free; raw pointers)";
+    m.doc() = "emokernels CPU kernels (OpenMP, torch-free; raw pointers). See csrc/include/emk_ops.h.";
     m.def("num_threads", []() {
 #ifdef _OPENMP
         return omp_get_max_threads();
@@ -28,10 +46,5 @@ PYBIND11_MODULE(emokernels_cpu, m) {
         return 1;
 #endif
     });
-    // one line per op:
-    bind_gather_add(m);
-    bind_capture_project(m);
-    bind_neuron_edit(m);
-    bind_head_edit(m);
-    bind_fused_residual(m);
+    EMK_ENTRY_POINTS(EMK_BIND)  // one m.def per entry point of emk_ops.h
 }

@@ -7,8 +7,7 @@ import torch
 
 from emokernels.data.prompts import chat_messages, encode, render
 from emokernels.models import load
-
-FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3")
+from emokernels.models.tiny import FAMILIES  # noqa: F401  (the tiny model of every family row)
 
 
 @functools.lru_cache(maxsize=None)
@@ -63,6 +62,16 @@ def op_backends() -> list[str]:
     if backends.triton_available() and backends.triton_interpreting():
         out.append("triton")
     return out
+
+
+def op_cases(gpu_backends=("cuda", "triton")) -> list:
+    """``(device, backend)`` pairs of the op tests: :func:`op_backends` on the CPU, then
+    ``gpu_backends`` on ``cuda`` (marked ``gpu``: skipped without a CUDA device). One test body
+    serves both machines."""
+    import pytest
+
+    cpu = [pytest.param("cpu", b, id=f"cpu-{b}") for b in op_backends()]
+    return cpu + [pytest.param("cuda", b, id=f"cuda-{b}", marks=pytest.mark.gpu) for b in gpu_backends]
 
 
 def compile_matches_eager(f, inputs, rtol=1e-4, atol=1e-5) -> set[str]:

@@ -5,6 +5,7 @@
 //
 // h: [B,T,d] contiguous (h_dtype); directions: [K,d] contiguous (dir_dtype); index: int64 [B].
 #include "../include/emk_common.h"
+#include "../include/emk_ops.h"
 
 #include <cstring>
 #include <vector>
@@ -69,14 +70,13 @@ void capture_project_kernel(float* P, TH* rows_out, const TH* h, const TD* dirs,
 
 }  // namespace
 
-// rows == 0: do not copy rows. Returns 0, EMK_BAD_DTYPE, or 1 + b for the first batch row b
-// whose index is outside [0, T) (checked before anything is written).
+// rows == 0: do not copy rows. Status (emk_ops.h): index is range-checked before any write.
 int64_t emk_capture_project_cpu(uintptr_t P, uintptr_t rows, uintptr_t h, uintptr_t directions,
                                 uintptr_t index, int64_t B, int64_t T, int64_t d, int64_t K,
                                 int h_dtype, int dir_dtype) {
     const int64_t* idx = emk::cptr<int64_t>(index);
-    for (int64_t b = 0; b < B; ++b)
-        if (idx[b] < 0 || idx[b] >= T) return 1 + b;
+    const int64_t bad = emk::first_out_of_range(idx, B, T);
+    if (bad >= 0) return emk::range_error("index", bad, "T", T);
     EMK_DISPATCH_DTYPE(h_dtype, TH,
         EMK_DISPATCH_DTYPE(dir_dtype, TD,
             capture_project_kernel<TH, TD>(emk::mptr<float>(P), rows ? emk::mptr<TH>(rows) : nullptr,

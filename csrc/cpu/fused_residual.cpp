@@ -12,6 +12,7 @@
 // "round" is to TH, round-to-nearest-even, as torch. Each row is read from residual/delta once;
 // the later passes over the row (rms of m0, the norm) re-read the freshly written m from L1.
 #include "../include/emk_common.h"
+#include "../include/emk_ops.h"
 
 #include <cmath>
 
@@ -99,9 +100,8 @@ void fused_kernel(TH* mo, TH* no, float* P, const TH* res, const TH* del, const 
 
 }  // namespace
 
-// Returns 0 on success, EMK_BAD_DTYPE for an unknown dtype code, 1 + b for the first batch row
-// whose row_idx is outside [0, E), or -(100 + b) for the first whose readout is outside [0, T).
-// Both checks run before anything is written (B comparisons each).
+// Status (emk_ops.h): row_idx (with an edit) and readout (with projections) are range-checked
+// before anything is written (B comparisons each).
 int64_t emk_fused_add_rmsnorm_cpu(uintptr_t m, uintptr_t n, uintptr_t P, uintptr_t residual,
                                   uintptr_t delta, uintptr_t table, uintptr_t row_idx,
                                   uintptr_t strength, uintptr_t pos_mask, uintptr_t gamma,
@@ -111,12 +111,10 @@ int64_t emk_fused_add_rmsnorm_cpu(uintptr_t m, uintptr_t n, uintptr_t P, uintptr
                                   bool has_proj, float eps, float edit_eps) {
     const int64_t* idx = emk::cptr<int64_t>(row_idx);
     const int64_t* ro = emk::cptr<int64_t>(readout);
-    if (has_edit)
-        for (int64_t b = 0; b < B; ++b)
-            if (idx[b] < 0 || idx[b] >= E) return 1 + b;
-    if (has_proj)
-        for (int64_t b = 0; b < B; ++b)
-            if (ro[b] < 0 || ro[b] >= T) return -(100 + b);
+    const int64_t bad_row = has_edit ? emk::first_out_of_range(idx, B, E) : -1;
+    if (bad_row >= 0) return emk::range_error("row_idx", bad_row, "E", E);
+    const int64_t bad_readout = has_proj ? emk::first_out_of_range(ro, B, T) : -1;
+    if (bad_readout >= 0) return emk::range_error("readout", bad_readout, "T", T);
 #define EMK_FUSED_CALL(TT_)                                                                     \
     fused_kernel<TH, TT_>(emk::mptr<TH>(m), emk::mptr<TH>(n), emk::mptr<float>(P),             \
                           emk::cptr<TH>(residual), emk::cptr<TH>(delta), emk::cptr<TT_>(table), \

@@ -8,6 +8,7 @@
 // Masked-out positions are copied bit-exactly. out may equal h (in-place): each element is
 // read before it is written, and the rms of a row is finished before the row is written.
 #include "../include/emk_common.h"
+#include "../include/emk_ops.h"
 
 #include <cmath>
 #include <cstring>
@@ -57,15 +58,14 @@ void gather_add_kernel(TH* out, const TH* h, const TT* table, const int64_t* row
 
 }  // namespace
 
-// Returns 0 on success, EMK_BAD_DTYPE for an unknown dtype code, or 1 + b for the first batch
-// row b whose row_idx is outside [0, E) (checked before anything is written; B comparisons).
+// Status (emk_ops.h): row_idx is range-checked before anything is written (B comparisons).
 int64_t emk_gather_add_cpu(uintptr_t out, uintptr_t h, uintptr_t table, uintptr_t row_idx,
                            uintptr_t strength, uintptr_t pos_mask, int64_t B, int64_t T,
                            int64_t d, int64_t E, int h_dtype, int table_dtype, bool rms_scale,
                            float eps) {
     const int64_t* idx = emk::cptr<int64_t>(row_idx);
-    for (int64_t b = 0; b < B; ++b)
-        if (idx[b] < 0 || idx[b] >= E) return 1 + b;
+    const int64_t bad = emk::first_out_of_range(idx, B, E);
+    if (bad >= 0) return emk::range_error("row_idx", bad, "E", E);
     EMK_DISPATCH_DTYPE(h_dtype, TH,
         EMK_DISPATCH_DTYPE(table_dtype, TT,
             gather_add_kernel<TH, TT>(emk::mptr<TH>(out), emk::cptr<TH>(h), emk::cptr<TT>(table),

@@ -14,12 +14,11 @@
 #include <cstdint>
 
 #include "../include/emk_common.h"
+#include "../include/emk_ops.h"
 
 namespace {
 
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+using emk::Cvt;
 
 constexpr int kWarps = 8;
 
@@ -37,7 +36,7 @@ capture_project_kernel(float* __restrict__ P, TH* __restrict__ rows, const TH* _
     if (k >= K) return;
     const TD* v = dirs + static_cast<int64_t>(k) * d;
     float acc = 0.0f;
-    for (int64_t i = lane; i < d; i += 32) acc += to_f32(hr[i]) * to_f32(v[i]);
+    for (int64_t i = lane; i < d; i += 32) acc += Cvt<TH>::ld(hr, i) * Cvt<TD>::ld(v, i);
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
     if (lane == 0) P[b * K + k] = acc;
 }
@@ -51,34 +50,19 @@ void launch(float* P, void* rows, const void* h, const void* dirs, const int64_t
         T, d, K);
 }
 
-template <typename TH>
-int dispatch_dir(int dir_dtype, float* P, void* rows, const void* h, const void* dirs,
-                 const int64_t* index, int64_t B, int64_t T, int64_t d, int K, cudaStream_t stream) {
-    switch (dir_dtype) {
-        case EMK_F32: launch<TH, float>(P, rows, h, dirs, index, B, T, d, K, stream); break;
-        case EMK_F16: launch<TH, __half>(P, rows, h, dirs, index, B, T, d, K, stream); break;
-        case EMK_BF16: launch<TH, __nv_bfloat16>(P, rows, h, dirs, index, B, T, d, K, stream); break;
-        default: return EMK_BAD_DTYPE;
-    }
-    return EMK_OK;
-}
-
 }  // namespace
 
-// rows == nullptr: no row copy. Returns 0, EMK_BAD_DTYPE / EMK_BAD_ARG (<0), or a cudaError_t (>0).
-extern "C" int emk_capture_project_cuda(float* P, void* rows, const void* h, const void* directions,
-                                        const int64_t* index, int64_t B, int64_t T, int64_t d,
-                                        int64_t K, int h_dtype, int dir_dtype, cudaStream_t stream) {
+// rows == 0: no row copy. Returns 0, EMK_BAD_DTYPE / EMK_BAD_ARG (<0), or a cudaError_t (>0).
+extern "C" int emk_capture_project_cuda(uintptr_t P, uintptr_t rows, uintptr_t h, uintptr_t directions,
+                                        uintptr_t index, int64_t B, int64_t T, int64_t d, int64_t K,
+                                        int h_dtype, int dir_dtype, uintptr_t stream) {
     if (K < 1 || K > 64 || B > 0x7fffffffLL) return EMK_BAD_ARG;
     if (B <= 0) return EMK_OK;
-    const int k = static_cast<int>(K);
-    int st;
-    switch (h_dtype) {
-        case EMK_F32: st = dispatch_dir<float>(dir_dtype, P, rows, h, directions, index, B, T, d, k, stream); break;
-        case EMK_F16: st = dispatch_dir<__half>(dir_dtype, P, rows, h, directions, index, B, T, d, k, stream); break;
-        case EMK_BF16: st = dispatch_dir<__nv_bfloat16>(dir_dtype, P, rows, h, directions, index, B, T, d, k, stream); break;
-        default: return EMK_BAD_DTYPE;
-    }
-    if (st != EMK_OK) return st;
+    EMK_CUDA_DISPATCH_DTYPE(h_dtype, TH,
+        EMK_CUDA_DISPATCH_DTYPE(dir_dtype, TD,
+            launch<TH, TD>(reinterpret_cast<float*>(P), reinterpret_cast<void*>(rows),
+                           reinterpret_cast<const void*>(h), reinterpret_cast<const void*>(directions),
+                           reinterpret_cast<const int64_t*>(index), B, T, d, static_cast<int>(K),
+                           reinterpret_cast<cudaStream_t>(stream))));
     return static_cast<int>(cudaGetLastError());
 }

@@ -23,25 +23,11 @@
 #include <cstdint>
 
 #include "../include/emk_common.h"
+#include "../include/emk_ops.h"
 
 namespace {
 
-template <typename T> struct Cvt;
-template <> struct Cvt<float> {
-    __device__ __forceinline__ static float ld(const float* p, int64_t i) { return p[i]; }
-    __device__ __forceinline__ static void st(float* p, int64_t i, float v) { p[i] = v; }
-    __device__ __forceinline__ static float rnd(float v) { return v; }
-};
-template <> struct Cvt<__half> {
-    __device__ __forceinline__ static float ld(const __half* p, int64_t i) { return __half2float(p[i]); }
-    __device__ __forceinline__ static void st(__half* p, int64_t i, float v) { p[i] = __float2half_rn(v); }
-    __device__ __forceinline__ static float rnd(float v) { return __half2float(__float2half_rn(v)); }
-};
-template <> struct Cvt<__nv_bfloat16> {
-    __device__ __forceinline__ static float ld(const __nv_bfloat16* p, int64_t i) { return __bfloat162float(p[i]); }
-    __device__ __forceinline__ static void st(__nv_bfloat16* p, int64_t i, float v) { p[i] = __float2bfloat16_rn(v); }
-    __device__ __forceinline__ static float rnd(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
-};
+using emk::Cvt;
 
 // Block-wide sum; every thread gets the total. Safe to call repeatedly (trailing barrier).
 template <int BLOCK>
@@ -301,28 +287,28 @@ int dispatch_table(bool table_f32, const Args& a, int64_t rows, cudaStream_t str
 
 // Returns 0, EMK_BAD_DTYPE / EMK_BAD_ARG (<0: unknown dtype, d > 16384 or too many rows), or a
 // cudaError_t (>0) from the launch.
-extern "C" int emk_fused_add_rmsnorm_cuda(void* m, void* n, float* P, const void* residual,
-                                          const void* delta, const void* table,
-                                          const int64_t* row_idx, const float* strength,
-                                          const bool* pos_mask, const void* gamma,
-                                          const float* dirs, const int64_t* readout, int64_t B,
-                                          int64_t T, int64_t d, int64_t E, int64_t K, int dtype,
+extern "C" int emk_fused_add_rmsnorm_cuda(uintptr_t m, uintptr_t n, uintptr_t P, uintptr_t residual,
+                                          uintptr_t delta, uintptr_t table, uintptr_t row_idx,
+                                          uintptr_t strength, uintptr_t pos_mask, uintptr_t gamma,
+                                          uintptr_t dirs, uintptr_t readout, int64_t B, int64_t T,
+                                          int64_t d, int64_t E, int64_t K, int dtype,
                                           bool table_f32, bool has_edit, bool rms_scale,
                                           bool has_norm, bool gemma, bool has_proj, float eps,
-                                          float edit_eps, cudaStream_t stream) {
+                                          float edit_eps, uintptr_t stream_) {
     (void)E;
     const int64_t rows = B * T;
     if (rows <= 0 || d <= 0) return EMK_OK;
     if (rows > 0x7fffffffLL || d > 16384) return EMK_BAD_ARG;
-    Args a{m, n, P, residual, delta, table, row_idx, strength, pos_mask, gamma, dirs, readout,
+    const cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_);
+    Args a{reinterpret_cast<void*>(m), reinterpret_cast<void*>(n), reinterpret_cast<float*>(P),
+           reinterpret_cast<const void*>(residual), reinterpret_cast<const void*>(delta),
+           reinterpret_cast<const void*>(table), reinterpret_cast<const int64_t*>(row_idx),
+           reinterpret_cast<const float*>(strength), reinterpret_cast<const bool*>(pos_mask),
+           reinterpret_cast<const void*>(gamma), reinterpret_cast<const float*>(dirs),
+           reinterpret_cast<const int64_t*>(readout),
            T, d, K, has_edit, rms_scale, has_norm, gemma, has_proj, eps, edit_eps};
     int st;
-    switch (dtype) {
-        case EMK_F32: st = dispatch_table<float>(table_f32, a, rows, stream); break;
-        case EMK_F16: st = dispatch_table<__half>(table_f32, a, rows, stream); break;
-        case EMK_BF16: st = dispatch_table<__nv_bfloat16>(table_f32, a, rows, stream); break;
-        default: return EMK_BAD_DTYPE;
-    }
+    EMK_CUDA_DISPATCH_DTYPE(dtype, TH, st = dispatch_table<TH>(table_f32, a, rows, stream));
     if (st != EMK_OK) return st;
     return static_cast<int>(cudaGetLastError());
 }

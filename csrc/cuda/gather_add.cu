@@ -16,22 +16,11 @@
 #include <cstdint>
 
 #include "../include/emk_common.h"
+#include "../include/emk_ops.h"
 
 namespace {
 
-template <typename T> struct Cvt;
-template <> struct Cvt<float> {
-    __device__ __forceinline__ static float ld(const float* p, int64_t i) { return p[i]; }
-    __device__ __forceinline__ static void st(float* p, int64_t i, float v) { p[i] = v; }
-};
-template <> struct Cvt<__half> {
-    __device__ __forceinline__ static float ld(const __half* p, int64_t i) { return __half2float(p[i]); }
-    __device__ __forceinline__ static void st(__half* p, int64_t i, float v) { p[i] = __float2half_rn(v); }
-};
-template <> struct Cvt<__nv_bfloat16> {
-    __device__ __forceinline__ static float ld(const __nv_bfloat16* p, int64_t i) { return __bfloat162float(p[i]); }
-    __device__ __forceinline__ static void st(__nv_bfloat16* p, int64_t i, float v) { p[i] = __float2bfloat16_rn(v); }
-};
+using emk::Cvt;
 
 template <int BLOCK>
 __device__ __forceinline__ float block_sum(float v) {
@@ -89,38 +78,24 @@ void launch(void* out, const void* h, const void* table, const int64_t* row_idx,
     }
 }
 
-template <typename TH>
-int dispatch_table(int table_dtype, void* out, const void* h, const void* table,
-                   const int64_t* row_idx, const float* strength, const bool* mask, int64_t rows,
-                   int64_t T, int64_t d, bool rms_scale, float eps, cudaStream_t stream) {
-    switch (table_dtype) {
-        case EMK_F32: launch<TH, float>(out, h, table, row_idx, strength, mask, rows, T, d, rms_scale, eps, stream); break;
-        case EMK_F16: launch<TH, __half>(out, h, table, row_idx, strength, mask, rows, T, d, rms_scale, eps, stream); break;
-        case EMK_BF16: launch<TH, __nv_bfloat16>(out, h, table, row_idx, strength, mask, rows, T, d, rms_scale, eps, stream); break;
-        default: return EMK_BAD_DTYPE;
-    }
-    return EMK_OK;
-}
-
 }  // namespace
 
-// Returns 0, EMK_BAD_DTYPE (<0), or a cudaError_t (>0) from the launch.
-extern "C" int emk_gather_add_cuda(void* out, const void* h, const void* table,
-                                   const int64_t* row_idx, const float* strength,
-                                   const bool* pos_mask, int64_t B, int64_t T, int64_t d,
-                                   int64_t E, int h_dtype, int table_dtype, bool rms_scale,
-                                   float eps, cudaStream_t stream) {
+// Returns 0, EMK_BAD_DTYPE / EMK_BAD_ARG (<0), or a cudaError_t (>0) from the launch.
+extern "C" int emk_gather_add_cuda(uintptr_t out, uintptr_t h, uintptr_t table, uintptr_t row_idx,
+                                   uintptr_t strength, uintptr_t pos_mask, int64_t B, int64_t T,
+                                   int64_t d, int64_t E, int h_dtype, int table_dtype,
+                                   bool rms_scale, float eps, uintptr_t stream) {
     (void)E;
     const int64_t rows = B * T;
     if (rows <= 0 || d <= 0) return EMK_OK;
     if (rows > 0x7fffffffLL) return EMK_BAD_ARG;
-    int st;
-    switch (h_dtype) {
-        case EMK_F32: st = dispatch_table<float>(table_dtype, out, h, table, row_idx, strength, pos_mask, rows, T, d, rms_scale, eps, stream); break;
-        case EMK_F16: st = dispatch_table<__half>(table_dtype, out, h, table, row_idx, strength, pos_mask, rows, T, d, rms_scale, eps, stream); break;
-        case EMK_BF16: st = dispatch_table<__nv_bfloat16>(table_dtype, out, h, table, row_idx, strength, pos_mask, rows, T, d, rms_scale, eps, stream); break;
-        default: return EMK_BAD_DTYPE;
-    }
-    if (st != EMK_OK) return st;
+    EMK_CUDA_DISPATCH_DTYPE(h_dtype, TH,
+        EMK_CUDA_DISPATCH_DTYPE(table_dtype, TT,
+            launch<TH, TT>(reinterpret_cast<void*>(out), reinterpret_cast<const void*>(h),
+                           reinterpret_cast<const void*>(table),
+                           reinterpret_cast<const int64_t*>(row_idx),
+                           reinterpret_cast<const float*>(strength),
+                           reinterpret_cast<const bool*>(pos_mask), rows, T, d, rms_scale, eps,
+                           reinterpret_cast<cudaStream_t>(stream))));
     return static_cast<int>(cudaGetLastError());
 }

@@ -15,10 +15,16 @@
 //   emk::store<T>(ptr, i, float)
 // with T one of float / emk::half_t / emk::bf16_t (tag types over uint16_t), and
 // EMK_DISPATCH_DTYPE(code, T, ...) to instantiate a body for each storage type.
+// emk::range_error(...) records why a CPU entry point refused its arguments (the bindings raise
+// IndexError with that text).
+//
+// CUDA helpers (device code, .cu files): emk::Cvt<T>::ld / st / rnd for T one of float / __half /
+// __nv_bfloat16, and EMK_CUDA_DISPATCH_DTYPE(code, T, ...).
 #pragma once
 
 #include <cstdint>
 #include <cstring>
+#include <string>
 
 enum EmkDtype : int { EMK_F32 = 0, EMK_F16 = 1, EMK_BF16 = 2 };
 
@@ -96,6 +102,27 @@ template <typename T> inline T* mptr(uintptr_t p) { return reinterpret_cast<T*>(
 // costs a few microseconds, more than a decode-sized (T=1, d<=4096) edit.
 constexpr int64_t kParallelMinWork = 1 << 16;
 
+// The text of the last refused call on this thread (read by python_bindings/cpu_module.cpp).
+inline std::string& last_error() {
+    static thread_local std::string msg;
+    return msg;
+}
+
+// Records "<what>[<pos>] is outside [0, <bound_name>=<bound>)" and returns 1: the status with
+// which a CPU entry point refuses an out-of-range index before writing anything.
+inline int64_t range_error(const char* what, int64_t pos, const char* bound_name, int64_t bound) {
+    last_error() = std::string(what) + "[" + std::to_string(pos) + "] is outside [0, " + bound_name +
+                   "=" + std::to_string(bound) + ")";
+    return 1;
+}
+
+// The first b < B with idx[b] outside [0, bound), or -1.
+inline int64_t first_out_of_range(const int64_t* idx, int64_t B, int64_t bound) {
+    for (int64_t b = 0; b < B; ++b)
+        if (idx[b] < 0 || idx[b] >= bound) return b;
+    return -1;
+}
+
 }  // namespace emk
 
 // EMK_DISPATCH_DTYPE(code, T, body...): runs body with `T` bound to the storage type of `code`;
@@ -108,3 +135,41 @@ constexpr int64_t kParallelMinWork = 1 << 16;
         default: return EMK_BAD_DTYPE;                           \
     }
 #endif  // !__CUDACC__
+
+#ifdef __CUDACC__
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace emk {
+
+// fp32 <-> storage type on the device; rnd(v) rounds v to the storage type and back (the
+// rounding of an intermediate that HF keeps in the activation dtype).
+template <typename T> struct Cvt;
+template <> struct Cvt<float> {
+    __device__ __forceinline__ static float ld(const float* p, int64_t i) { return p[i]; }
+    __device__ __forceinline__ static void st(float* p, int64_t i, float v) { p[i] = v; }
+    __device__ __forceinline__ static float rnd(float v) { return v; }
+};
+template <> struct Cvt<__half> {
+    __device__ __forceinline__ static float ld(const __half* p, int64_t i) { return __half2float(p[i]); }
+    __device__ __forceinline__ static void st(__half* p, int64_t i, float v) { p[i] = __float2half_rn(v); }
+    __device__ __forceinline__ static float rnd(float v) { return __half2float(__float2half_rn(v)); }
+};
+template <> struct Cvt<__nv_bfloat16> {
+    __device__ __forceinline__ static float ld(const __nv_bfloat16* p, int64_t i) { return __bfloat162float(p[i]); }
+    __device__ __forceinline__ static void st(__nv_bfloat16* p, int64_t i, float v) { p[i] = __float2bfloat16_rn(v); }
+    __device__ __forceinline__ static float rnd(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
+};
+
+}  // namespace emk
+
+// EMK_CUDA_DISPATCH_DTYPE(code, T, body...): body with `T` the device storage type of `code`;
+// returns EMK_BAD_DTYPE from the enclosing function for an unknown code.
+#define EMK_CUDA_DISPATCH_DTYPE(code, T, ...)                          \
+    switch (code) {                                                    \
+        case EMK_F32: { using T = float; __VA_ARGS__; break; }         \
+        case EMK_F16: { using T = __half; __VA_ARGS__; break; }        \
+        case EMK_BF16: { using T = __nv_bfloat16; __VA_ARGS__; break; } \
+        default: return EMK_BAD_DTYPE;                                 \
+    }
+#endif  // __CUDACC__

@@ -17,7 +17,7 @@ engine) and patched layers (fused path) find them the same way in every family.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -42,22 +42,45 @@ class LayerSites:
 
 @dataclass(frozen=True)
 class FamilySpec:
-    norm_mlp: str  # attribute of the layer: the norm producing the MLP input
-    attn_post: str | None  # norm applied to the attention output before the residual add
-    mlp_post: str | None  # norm applied to the MLP output before the residual add
-    gemma_norm: bool = False  # Gemma RMSNorm scales by (1 + weight)
+    """One architecture family (a ``config.model_type``): the table every layer reads.
 
+    The adapters find the sites by these attribute names, the fused layers read ``gemma_norm`` and
+    ``resid_dropout``, and :mod:`emokernels.models.tiny` builds the family's tiny test model from
+    ``config`` and ``tiny_kwargs``. A Llama-shaped family (``input_layernorm``, ``self_attn.o_proj``,
+    ``post_attention_layernorm``, ``mlp.down_proj``) is one row: ``"name": FamilySpec("NameConfig")``.
+    """
+
+    config: str | None  # transformers config class of the tiny test model (None: no tiny model)
+    tiny: str | None = None  # the tiny model's name (``tiny-<tiny>``); default: the model_type
+    tiny_kwargs: dict = field(default_factory=dict)  # config arguments beyond the shared tiny sizes
+    norm_mlp: str = "post_attention_layernorm"  # attribute of the layer: the norm producing the MLP input
+    attn_post: str | None = None  # norm applied to the attention output before the residual add
+    mlp_post: str | None = None  # norm applied to the MLP output before the residual add
+    gemma_norm: bool = False  # Gemma RMSNorm scales by (1 + weight)
+    # config attribute of a residual dropout the fused layers do not apply: while it is > 0 the
+    # attn_out / mlp_out edits of that family stay on hooks
+    resid_dropout: str | None = None
+
+
+_GEMMA = dict(norm_mlp="pre_feedforward_layernorm", attn_post="post_attention_layernorm",
+              mlp_post="post_feedforward_layernorm", gemma_norm=True)
+_GEMMA_TINY = dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=64)
 
 FAMILIES: dict[str, FamilySpec] = {
-    "llama": FamilySpec("post_attention_layernorm", None, None),
-    "qwen2": FamilySpec("post_attention_layernorm", None, None),
-    "qwen3": FamilySpec("post_attention_layernorm", None, None),
-    "mistral": FamilySpec("post_attention_layernorm", None, None),
-    "phi3": FamilySpec("post_attention_layernorm", None, None),
-    "gemma2": FamilySpec("pre_feedforward_layernorm", "post_attention_layernorm", "post_feedforward_layernorm", True),
-    "gemma3_text": FamilySpec("pre_feedforward_layernorm", "post_attention_layernorm", "post_feedforward_layernorm", True),
-    "gemma3": FamilySpec("pre_feedforward_layernorm", "post_attention_layernorm", "post_feedforward_layernorm", True),
+    "llama": FamilySpec("LlamaConfig"),
+    "qwen2": FamilySpec("Qwen2Config"),
+    "qwen3": FamilySpec("Qwen3Config", tiny_kwargs=dict(head_dim=16)),
+    "mistral": FamilySpec("MistralConfig", tiny_kwargs=dict(sliding_window=None)),
+    "phi3": FamilySpec("Phi3Config", tiny_kwargs=dict(pad_token_id=0), resid_dropout="resid_pdrop"),
+    "gemma2": FamilySpec("Gemma2Config", tiny_kwargs=_GEMMA_TINY, **_GEMMA),
+    # windowed and global layers alternate (the real model: 5 to 1), each kind with its rotary base
+    "gemma3_text": FamilySpec("Gemma3TextConfig", tiny="gemma3", **_GEMMA, tiny_kwargs=dict(
+        **_GEMMA_TINY, layer_types=["sliding_attention", "full_attention"] * 2)),
+    "gemma3": FamilySpec(None, **_GEMMA),  # the multimodal wrapper's text model
 }
+
+#: tiny test model name -> model_type, for the families with a tiny model
+TINY_FAMILIES: dict[str, str] = {spec.tiny or name: name for name, spec in FAMILIES.items() if spec.config}
 
 
 class UnsupportedArchitectureError(ValueError):

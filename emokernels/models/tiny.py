@@ -8,34 +8,23 @@ from __future__ import annotations
 
 import torch
 
-FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3")
+from .adapters import FAMILIES as _SPECS, TINY_FAMILIES
+
+#: the tiny model names (``tiny-<name>``), one per row of the family table with a config
+FAMILIES = tuple(TINY_FAMILIES)
 
 
 def _config(family: str, vocab: int):
     import transformers as tf
 
-    common = dict(
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"unknown tiny family {family!r}; choose one of {', '.join(FAMILIES)}")
+    spec = _SPECS[TINY_FAMILIES[family]]
+    return getattr(tf, spec.config)(
         vocab_size=vocab, hidden_size=64, intermediate_size=176, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        rms_norm_eps=1e-6, tie_word_embeddings=False,
+        rms_norm_eps=1e-6, tie_word_embeddings=False, **spec.tiny_kwargs,
     )
-    if family == "llama":
-        return tf.LlamaConfig(**common)
-    if family == "qwen2":
-        return tf.Qwen2Config(**common)
-    if family == "qwen3":
-        return tf.Qwen3Config(**common, head_dim=16)
-    if family == "mistral":
-        return tf.MistralConfig(**common, sliding_window=None)
-    if family == "gemma2":
-        return tf.Gemma2Config(**common, head_dim=16, query_pre_attn_scalar=16, sliding_window=64)
-    if family == "gemma3":
-        # windowed and global layers alternate (the real model: 5 to 1), each kind with its rotary base
-        return tf.Gemma3TextConfig(**common, head_dim=16, query_pre_attn_scalar=16, sliding_window=64,
-                                   layer_types=["sliding_attention", "full_attention"] * 2)
-    if family == "phi3":
-        return tf.Phi3Config(**common, pad_token_id=0)
-    raise ValueError(f"unknown tiny family {family!r}; choose one of {', '.join(FAMILIES)}")
 
 
 _TOKENIZER = None

@@ -5,12 +5,13 @@ and a dtype code, so a plain compiler call builds them in seconds and one build 
 torch version.
 
 * CPU: ``g++ -O3 -fopenmp -shared -fPIC -std=c++17 $(pybind11 includes)`` over
-  ``csrc/cpu/*.cpp``, ``python_bindings/cpu_module.cpp`` and ``python_bindings/cpu/*.cpp``
-  (compiler: ``$CXX`` or ``g++``).
+  ``csrc/cpu/*.cpp`` and ``python_bindings/cpu_module.cpp`` (compiler: ``$CXX`` or ``g++``).
 * CUDA: ``nvcc -O3 -shared -Xcompiler -fPIC -std=c++17 -arch=sm_90`` (``$EMOKERNELS_CUDA_ARCH``
-  overrides ``sm_90``) over ``csrc/cuda/*.cu``, ``python_bindings/cuda_module.cpp`` and
-  ``python_bindings/cuda/*.cpp``. Only attempted when ``torch.cuda.is_available()``
-  (see :mod:`emokernels.ops.backends`).
+  overrides ``sm_90``) over ``csrc/cuda/*.cu`` and ``python_bindings/cuda_module.cpp``. Only
+  attempted when ``torch.cuda.is_available()`` (see :mod:`emokernels.ops.backends`).
+
+The entry points are declared once, in ``csrc/include/emk_ops.h``; each module file binds each
+of them with one ``m.def``.
 
 Each translation unit is compiled to an object file cached by the hash of its text, the shared
 headers, the flags and the Python version (objects are compiled in parallel), then linked. The
@@ -20,9 +21,6 @@ the Python version, but not where the source root lies: a checkout and an instal
 the same sources share one build. Outputs are written to a temporary name and moved into place
 with :func:`os.replace`, so concurrent builders never see a half-written file. A compile
 failure raises :class:`BuildError` carrying the compiler output.
-
-A ``bind_<op>`` declared in a module file whose ``python_bindings/<kind>/<op>_bind.cpp`` does not
-exist yet gets an empty stub (with a warning), so the module links while ops are being added.
 """
 from __future__ import annotations
 
@@ -31,18 +29,14 @@ import hashlib
 import importlib.machinery
 import importlib.util
 import os
-import re
 import shlex
-import shutil
 import subprocess
 import sys
 import sysconfig
-import tempfile
-import warnings
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["BuildError", "native_source_root", "build_base", "build_dir", "build_cpu", "build_cuda", "load_module"]
+__all__ = ["BuildError", "native_source_root", "build_base", "build_cpu", "build_cuda", "load_module"]
 
 _KINDS = {
     "cpu": dict(module="emokernels_cpu", kernel_dir="cpu", kernel_ext=".cpp"),
@@ -75,13 +69,12 @@ def native_source_root() -> Path:
     )
 
 
-def _sources(kind: str) -> tuple[Path, list[Path], list[Path], Path]:
+def _sources(kind: str) -> tuple[Path, list[Path], Path]:
     root = native_source_root()
     spec = _KINDS[kind]
     kernels = sorted((root / "csrc" / spec["kernel_dir"]).glob("*" + spec["kernel_ext"]))
     module_file = root / "python_bindings" / f"{kind}_module.cpp"
-    binds = sorted((root / "python_bindings" / kind).glob("*.cpp"))
-    return root, kernels, binds, module_file
+    return root, kernels, module_file
 
 
 def _headers(root: Path) -> list[Path]:
@@ -125,31 +118,10 @@ def _root_relative(name: str, root: Path) -> str:
     return path.relative_to(root).as_posix() if path.is_absolute() else name
 
 
-def _stub_source(kind: str, module_file: Path, binds: list[Path]) -> str | None:
-    declared = re.findall(r"^\s*void\s+(bind_\w+)\s*\(", module_file.read_text(), re.M)
-    present = {p.stem[: -len("_bind")] for p in binds if p.stem.endswith("_bind")}
-    missing = [name for name in declared if name[len("bind_"):] not in present]
-    if not missing:
-        return None
-    warnings.warn(
-        f"emokernels_{kind}: no python_bindings/{kind}/<op>_bind.cpp for "
-        f"{', '.join(missing)}; building empty stubs (those ops are unavailable in this backend)",
-        RuntimeWarning,
-        stacklevel=3,
-    )
-    body = "namespace pybind11 { class module_; }\n"
-    body += "".join(f"void {n}(pybind11::module_&) {{}}\n" for n in missing)
-    return body
-
-
 def build_base() -> Path:
     """``$EMOKERNELS_BUILD_DIR`` or ``~/.cache/emokernels/build``."""
     base = os.environ.get("EMOKERNELS_BUILD_DIR")
     return Path(base) if base else Path.home() / ".cache" / "emokernels" / "build"
-
-
-def build_dir(kind: str, key: str) -> Path:
-    return build_base() / f"{kind}-{key}"
 
 
 def _run(cmd: list[str], what: str) -> None:
@@ -165,7 +137,7 @@ def _run(cmd: list[str], what: str) -> None:
 
 
 def _build(kind: str, verbose: bool = False) -> Path:
-    root, kernels, binds, module_file = _sources(kind)
+    root, kernels, module_file = _sources(kind)
     compiler, cflags, ldflags = _flags(kind, root)
     if not module_file.is_file():
         raise BuildError(f"missing {module_file}")
@@ -175,12 +147,9 @@ def _build(kind: str, verbose: bool = False) -> Path:
     # masked, so a checkout and an installed wheel holding the same sources share one build.
     flag_blob = " ".join([*compiler, *cflags, *ldflags, sys.version]).replace(str(root), "<root>").encode()
 
-    stub = _stub_source(kind, module_file, binds)
-    units: list[tuple[str, bytes]] = [(str(p), p.read_bytes()) for p in [*kernels, module_file, *binds]]
-    if stub is not None:
-        units.append(("_stubs.cpp", stub.encode()))
+    units: list[tuple[str, bytes]] = [(str(p), p.read_bytes()) for p in [*kernels, module_file]]
     key = _hash(flag_blob, header_blob, *(_root_relative(name, root).encode() + text for name, text in units))
-    out_dir = build_dir(kind, key)
+    out_dir = build_base() / f"{kind}-{key}"
     ext_suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
     target = out_dir / (_KINDS[kind]["module"] + ext_suffix)
     if target.is_file():
@@ -189,17 +158,12 @@ def _build(kind: str, verbose: bool = False) -> Path:
     obj_dir = build_base() / f"{kind}-objects"
     obj_dir.mkdir(parents=True, exist_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp_src = Path(tempfile.mkdtemp(prefix=f"emk-{kind}-", dir=out_dir))
 
     def compile_one(name: str, text: bytes) -> Path:
-        suffix = Path(name).suffix
         obj = obj_dir / f"{Path(name).stem}-{_hash(flag_blob, header_blob, text)}.o"
         if obj.is_file():
             return obj
         src = Path(name)
-        if not src.is_absolute():  # generated stub
-            src = tmp_src / ("stubs" + suffix)
-            src.write_bytes(text)
         tmp_obj = obj.with_name(f"{obj.name}.{os.getpid()}.tmp.o")
         cmd = [*compiler, *cflags, "-c", str(src), "-o", str(tmp_obj)]
         if verbose:
@@ -208,16 +172,13 @@ def _build(kind: str, verbose: bool = False) -> Path:
         os.replace(tmp_obj, obj)
         return obj
 
-    try:
-        workers = max(1, min(len(units), os.cpu_count() or 1))
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            objs = list(pool.map(lambda u: compile_one(*u), units))
-        tmp_target = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-        cmd = [*compiler, *ldflags, *map(str, objs), "-o", str(tmp_target)]
-        _run(cmd, f"linking emokernels_{kind}")
-        os.replace(tmp_target, target)
-    finally:
-        shutil.rmtree(tmp_src, ignore_errors=True)
+    workers = max(1, min(len(units), os.cpu_count() or 1))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        objs = list(pool.map(lambda u: compile_one(*u), units))
+    tmp_target = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    cmd = [*compiler, *ldflags, *map(str, objs), "-o", str(tmp_target)]
+    _run(cmd, f"linking emokernels_{kind}")
+    os.replace(tmp_target, target)
     return target
 
 

@@ -30,25 +30,10 @@ from typing import Callable
 import torch
 
 __all__ = [
-    "BACKENDS",
-    "DTYPE_CODE",
-    "resolve_backend",
-    "cpu_ext",
-    "cuda_ext",
-    "cpu_ext_error",
-    "cuda_ext_error",
-    "triton_available",
-    "trace_reference",
-    "triton_interpreting",
-    "native_fn",
-    "warn_once",
-    "cuda_stream_ptr",
-    "stream_args",
-    "opt_ptr",
-    "contiguous",
-    "f32_contiguous",
-    "FLOATS",
-    "acc_dtype",
+    "BACKENDS", "DTYPE_CODE", "FLOATS", "resolve_backend", "cpu_ext", "cuda_ext", "cpu_ext_error",
+    "cuda_ext_error", "triton_available", "trace_reference", "triton_interpreting", "native_fn",
+    "warn_once", "cuda_stream_ptr", "stream_args", "opt_ptr", "contiguous", "f32_contiguous",
+    "acc_dtype", "check_devices",
 ]
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
@@ -154,8 +139,8 @@ def stream_args(backend: str, t: torch.Tensor) -> tuple:
 def native_fn(backend: str, name: str) -> Callable | None:
     """Function ``name`` of the native module of ``backend`` ("cpu" or "cuda"), or None.
 
-    None (with a one-time warning) when the module was built without that op (for instance a
-    stubbed ``bind_<op>``); callers then use the reference.
+    None (with a one-time warning) when the module cannot be built or has no such entry point;
+    callers then use the reference.
     """
     mod = cpu_ext() if backend == "cpu" else cuda_ext()
     fn = getattr(mod, name, None) if mod is not None else None
@@ -283,3 +268,10 @@ def f32_contiguous(t):
     if t.dtype != torch.float32:
         t = t.to(torch.float32)
     return t if t.is_contiguous() else t.contiguous()
+
+
+def check_devices(op: str, device: torch.device, **tensors) -> None:
+    """A ValueError naming the first of ``tensors`` (None skipped) that is not on ``device``."""
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            raise ValueError(f"{op}: all tensors must be on {device}; {name} is on {t.device}")

@@ -24,20 +24,15 @@ Returns ``P`` or, with ``copy_rows=True``, ``(P, rows)``.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
-from .backends import DTYPE_CODE, FLOATS, acc_dtype, native_fn, resolve_backend, stream_args, trace_reference
+from ._op import HAS_TRITON, KernelOp, runners
+from .backends import DTYPE_CODE, FLOATS, acc_dtype, check_devices, contiguous
 
-try:
+if HAS_TRITON:
     import triton
     import triton.language as tl
-
-    _HAS_TRITON = True
-except Exception:  # pragma: no cover
-    _HAS_TRITON = False
 
 __all__ = ["capture_project", "capture_project_reference", "MAX_K"]
 
@@ -60,7 +55,7 @@ def capture_project_reference(h: Tensor, directions: Tensor, index: Tensor,
 # Triton kernel: one program per batch row; [BLOCK_K, BLOCK_D] tiles reduced with tl.sum
 # (no tl.dot: a K x 1 product is memory-bound, and bf16 tl.dot is wrong in the interpreter)
 # --------------------------------------------------------------------------------------------
-if _HAS_TRITON:
+if HAS_TRITON:
 
     @triton.jit
     def _capture_project_kernel(P_ptr, rows_ptr, h_ptr, dir_ptr, index_ptr, T, D, K,
@@ -93,14 +88,11 @@ def _run_triton(h, directions, index, P, rows):
                                   num_warps=4)
 
 
-def _run_native(backend, h, directions, index, P, rows):
-    fn = native_fn(backend, "capture_project")
-    if fn is None:
-        return _run_reference(h, directions, index, P, rows)
+def _native_args(h, directions, index, P, rows):
     B, T, d = h.shape
-    fn(P.data_ptr(), rows.data_ptr() if rows is not None else 0, h.data_ptr(),
-       directions.data_ptr(), index.data_ptr(), B, T, d, directions.shape[0],
-       DTYPE_CODE[h.dtype], DTYPE_CODE[directions.dtype], *stream_args(backend, h))
+    return (P.data_ptr(), rows.data_ptr() if rows is not None else 0, h.data_ptr(),
+            directions.data_ptr(), index.data_ptr(), B, T, d, directions.shape[0],
+            DTYPE_CODE[h.dtype], DTYPE_CODE[directions.dtype])
 
 
 def _run_reference(h, directions, index, P, rows):
@@ -110,11 +102,10 @@ def _run_reference(h, directions, index, P, rows):
         rows.copy_(res[1])
 
 
-_RUNNERS = {"reference": _run_reference, "cpu": functools.partial(_run_native, "cpu"), "triton": _run_triton,
-            "cuda": functools.partial(_run_native, "cuda")}
+_RUNNERS = runners("capture_project", _run_reference, HAS_TRITON and _run_triton, _native_args)
 
 
-def _forward(backend: str, h, directions, index, copy_rows: bool, P=None, rows=None):
+def _forward(backend: str, h, directions, index, copy_rows: bool, P=None, rows=None, out=None):
     """Run one backend. Returns (P, rows) with rows None unless copy_rows.
 
     ``P`` / ``rows`` may be given (preallocated, contiguous, right shape and dtype).
@@ -126,9 +117,7 @@ def _forward(backend: str, h, directions, index, copy_rows: bool, P=None, rows=N
         if copy_rows and rows is not None:
             rr = rows.copy_(rr)
         return Pr, (rr if copy_rows else None)
-    h = h if h.is_contiguous() else h.contiguous()
-    directions = directions if directions.is_contiguous() else directions.contiguous()
-    index = index if index.is_contiguous() else index.contiguous()
+    h, directions, index = contiguous(h), contiguous(directions), contiguous(index)
     B, T, d = h.shape
     if P is None:
         P = torch.empty((B, directions.shape[0]), dtype=torch.float32, device=h.device)
@@ -166,55 +155,18 @@ def _backward(grad_P, grad_rows, h, directions, index, need_h, need_dir):
     return grad_h, grad_dir
 
 
-class _CaptureProjectFn(torch.autograd.Function):
-    """Returns P, or (P, rows) when copy_rows."""
-
-    @staticmethod
-    def forward(ctx, h, directions, index, copy_rows, backend):
-        ctx.save_for_backward(h, directions, index)
-        P, rows = _forward(backend, h, directions, index, copy_rows)
-        return (P, rows) if copy_rows else P
-
-    @staticmethod
-    def backward(ctx, grad_P, grad_rows=None):
-        h, directions, index = ctx.saved_tensors
-        n = ctx.needs_input_grad
-        gh, gd = _backward(grad_P, grad_rows, h, directions, index, n[0], n[1])
-        return gh, gd, None, None, None
+def _compiled_reference(h, directions, index, copy_rows):
+    if copy_rows:
+        return capture_project_reference(h, directions, index, True)
+    return capture_project_reference(h, directions, index), None
 
 
-# --------------------------------------------------------------------------------------------
-# custom op
-# --------------------------------------------------------------------------------------------
-@torch.library.custom_op("emokernels::capture_project", mutates_args=())
-def _capture_project_op(h: Tensor, directions: Tensor, index: Tensor, copy_rows: bool,
-                        backend: str) -> tuple[Tensor, Tensor]:
-    be = resolve_backend(h.device, backend or None)
-    P, rows = _forward(be, h, directions, index, copy_rows)
-    return P, (rows if rows is not None else h.new_empty((0,)))
-
-
-@_capture_project_op.register_fake
-def _(h, directions, index, copy_rows, backend):
-    B, _, d = h.shape
-    P = h.new_empty((B, directions.shape[0]), dtype=acc_dtype(h, directions))
-    rows = h.new_empty((B, d)) if copy_rows else h.new_empty((0,))
-    return P, rows
-
-
-def _op_setup_context(ctx, inputs, output):
-    h, directions, index, _copy_rows, _backend = inputs
-    ctx.save_for_backward(h, directions, index)
-
-
-def _op_backward(ctx, grad_P, grad_rows):
-    h, directions, index = ctx.saved_tensors
-    n = ctx.needs_input_grad
-    gh, gd = _backward(grad_P, grad_rows, h, directions, index, n[0], n[1])
-    return gh, gd, None, None, None
-
-
-_capture_project_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+_OP = KernelOp(
+    "capture_project",
+    "(Tensor h, Tensor directions, Tensor index, bool copy_rows, str backend) -> (Tensor, Tensor)",
+    reference=capture_project_reference, compiled_reference=_compiled_reference, forward=_forward,
+    backward=lambda args, grads, needs, op: (*_backward(*grads, *args[:3], needs[0], needs[1]), None, None),
+    grad_args=(0, 1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,9 +192,7 @@ def _check(h, directions, index):
                         f"reference only); got h {h.dtype}, directions {directions.dtype}")
     if index.dtype != torch.int64:
         raise TypeError(f"capture_project: index must be int64, got {index.dtype}")
-    if directions.device != h.device or index.device != h.device:
-        raise ValueError(f"capture_project: all tensors must be on {h.device}; got directions "
-                         f"{directions.device}, index {index.device}")
+    check_devices("capture_project", h.device, directions=directions, index=index)
 
 
 def capture_project(h: Tensor, directions: Tensor, index: Tensor, copy_rows: bool = False,
@@ -258,14 +208,5 @@ def capture_project(h: Tensor, directions: Tensor, index: Tensor, copy_rows: boo
         ``P`` or ``(P, rows)``.
     """
     _check(h, directions, index)
-    if torch.compiler.is_compiling():
-        if trace_reference(backend):
-            return capture_project_reference(h, directions, index, bool(copy_rows))
-        P, rows = torch.ops.emokernels.capture_project(h, directions, index, bool(copy_rows),
-                                                       backend or "")
-        return (P, rows) if copy_rows else P
-    be = resolve_backend(h.device, backend)
-    if torch.is_grad_enabled() and (h.requires_grad or directions.requires_grad):
-        return _CaptureProjectFn.apply(h, directions, index, bool(copy_rows), be)
-    P, rows = _forward(be, h, directions, index, copy_rows)
+    P, rows = _OP(backend, h, directions, index, bool(copy_rows))
     return (P, rows) if copy_rows else P

@@ -56,18 +56,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backends import (DTYPE_CODE, FLOATS, acc_dtype, cuda_stream_ptr, native_fn, resolve_backend, trace_reference,
-                       warn_once)
+from ._op import HAS_TRITON, KernelOp, runners
+from .backends import DTYPE_CODE, FLOATS, acc_dtype, check_devices, contiguous, f32_contiguous, warn_once
 from .capture_project import capture_project_reference
 from .gather_add import gather_add_reference
 
-try:  # Triton is optional (CPU-only installs)
+if HAS_TRITON:
     import triton
     import triton.language as tl
-
-    _HAS_TRITON = True
-except Exception:  # pragma: no cover - exercised only without triton
-    _HAS_TRITON = False
 
 __all__ = ["fused_add_rmsnorm", "fused_add_rmsnorm_reference", "MAX_K", "CUDA_MAX_D"]
 
@@ -109,7 +105,7 @@ def fused_add_rmsnorm_reference(residual: Tensor, delta: Tensor, table: Optional
 # --------------------------------------------------------------------------------------------
 # Triton kernel: one program per (b, t) row, the whole row in one BLOCK = next_pow2(d) tile
 # --------------------------------------------------------------------------------------------
-if _HAS_TRITON:
+if HAS_TRITON:
 
     @triton.jit
     def _fused_add_rmsnorm_kernel(m_ptr, n_ptr, P_ptr, res_ptr, delta_ptr, table_ptr,
@@ -152,9 +148,8 @@ if _HAS_TRITON:
                     tl.store(P_ptr + b * K + k, tl.sum(m * dk, axis=0))
 
 
-def _run_triton(L):
-    (m, n, P, res, delta, table, row_idx, strength, pos_mask, rms_scale, gamma, eps, gemma,
-     directions, readout, edit_eps, K) = L
+def _run_triton(m, n, P, res, delta, table, row_idx, strength, pos_mask, rms_scale, gamma, eps,
+                gemma, directions, readout, edit_eps, K):
     B, T, d = res.shape
     block = triton.next_power_of_2(d)
     _fused_add_rmsnorm_kernel[(B * T,)](
@@ -172,20 +167,8 @@ def _run_triton(L):
 # --------------------------------------------------------------------------------------------
 # native backends
 # --------------------------------------------------------------------------------------------
-_NATIVE: dict = {}
-
-
-def _native(kind: str):
-    """The bound ``fused_add_rmsnorm`` of the native module of ``kind``, or None (cached)."""
-    fn = _NATIVE.get(kind, _NATIVE)
-    if fn is _NATIVE:
-        fn = _NATIVE[kind] = native_fn(kind, "fused_add_rmsnorm")
-    return fn
-
-
-def _native_args(L):
-    (m, n, P, res, delta, table, row_idx, strength, pos_mask, rms_scale, gamma, eps, gemma,
-     directions, readout, edit_eps, K) = L
+def _native_args(m, n, P, res, delta, table, row_idx, strength, pos_mask, rms_scale, gamma, eps,
+                 gemma, directions, readout, edit_eps, K):
     B, T, d = res.shape
     edit = table is not None
     return (m.data_ptr(), 0 if n is None else n.data_ptr(), 0 if P is None else P.data_ptr(),
@@ -200,30 +183,8 @@ def _native_args(L):
             directions is not None, eps, edit_eps)
 
 
-def _run_cpu(L):
-    fn = _native("cpu")
-    if fn is None:
-        return _run_reference(L)
-    fn(*_native_args(L))
-
-
-def _run_cuda(L):
-    fn = _native("cuda")
-    if fn is None:
-        return _run_reference(L)
-    res = L[3]
-    if res.shape[-1] > CUDA_MAX_D:
-        alt = "triton" if _HAS_TRITON else "reference"
-        warn_once(("fused_add_rmsnorm", "cuda-d"),
-                  f"emokernels: the fused_add_rmsnorm cuda kernel takes d <= {CUDA_MAX_D}; "
-                  f"using {alt!r} for d = {res.shape[-1]}")
-        return _run_triton(L) if _HAS_TRITON else _run_reference(L)
-    fn(*_native_args(L), cuda_stream_ptr(res))
-
-
-def _run_reference(L):
-    (m, n, P, res, delta, table, row_idx, strength, pos_mask, rms_scale, gamma, eps, gemma,
-     directions, readout, edit_eps, K) = L
+def _run_reference(m, n, P, res, delta, table, row_idx, strength, pos_mask, rms_scale, gamma,
+                   eps, gemma, directions, readout, edit_eps, K):
     rm, rn, rP = fused_add_rmsnorm_reference(res, delta, table, row_idx, strength, pos_mask,
                                              rms_scale, gamma, eps, gemma, directions, readout,
                                              edit_eps)
@@ -234,7 +195,22 @@ def _run_reference(L):
         P.copy_(rP)
 
 
-_RUNNERS = {"reference": _run_reference, "cpu": _run_cpu, "triton": _run_triton, "cuda": _run_cuda}
+_RUNNERS = runners("fused_add_rmsnorm", _run_reference, HAS_TRITON and _run_triton, _native_args)
+_run_cuda_kernel = _RUNNERS["cuda"]
+
+
+def _run_cuda(*args):
+    d = args[3].shape[-1]
+    if d > CUDA_MAX_D:
+        alt = "triton" if HAS_TRITON else "reference"
+        warn_once(("fused_add_rmsnorm", "cuda-d"),
+                  f"emokernels: the fused_add_rmsnorm cuda kernel takes d <= {CUDA_MAX_D}; "
+                  f"using {alt!r} for d = {d}")
+        return (_run_triton if HAS_TRITON else _run_reference)(*args)
+    _run_cuda_kernel(*args)
+
+
+_RUNNERS["cuda"] = _run_cuda
 
 
 def _forward(backend: str, residual, delta, table, row_idx, strength, pos_mask, rms_scale, gamma,
@@ -257,30 +233,16 @@ def _forward(backend: str, residual, delta, table, row_idx, strength, pos_mask, 
             n = out[1].copy_(n) if n is not None else None
             P = out[2].copy_(P) if P is not None else None
         return m, n, P
-    if not residual.is_contiguous():
-        residual = residual.contiguous()
-    if not delta.is_contiguous():
-        delta = delta.contiguous()
+    residual, delta, gamma = contiguous(residual), contiguous(delta), contiguous(gamma)
     shape = residual.shape
     dev = residual.device
     if table is not None:
-        if not table.is_contiguous():
-            table = table.contiguous()
-        if not row_idx.is_contiguous():
-            row_idx = row_idx.contiguous()
-        if not pos_mask.is_contiguous():
-            pos_mask = pos_mask.contiguous()
-        if strength.dtype != torch.float32 or not strength.is_contiguous():
-            strength = strength.to(torch.float32).contiguous()
-    if gamma is not None and not gamma.is_contiguous():
-        gamma = gamma.contiguous()
+        table, row_idx, pos_mask = contiguous(table), contiguous(row_idx), contiguous(pos_mask)
+        strength = f32_contiguous(strength)
     K = 0
     P = None
     if directions is not None:
-        if directions.dtype != torch.float32 or not directions.is_contiguous():
-            directions = directions.to(torch.float32).contiguous()
-        if not readout.is_contiguous():
-            readout = readout.contiguous()
+        directions, readout = f32_contiguous(directions), contiguous(readout)
         K = directions.shape[0]
         P = torch.empty((shape[0], K), dtype=torch.float32, device=dev) if out is None else out[2]
     if out is None:
@@ -289,19 +251,12 @@ def _forward(backend: str, residual, delta, table, row_idx, strength, pos_mask, 
     else:
         m, n = out[0], (out[1] if gamma is not None else None)
     if residual.numel() > 0:
-        _RUNNERS[backend]((m, n, P, residual, delta, table, row_idx, strength, pos_mask,
-                           bool(rms_scale), gamma, float(eps), bool(gemma), directions, readout,
-                           float(edit_eps), K))
+        _RUNNERS[backend](m, n, P, residual, delta, table, row_idx, strength, pos_mask,
+                          bool(rms_scale), gamma, float(eps), bool(gemma), directions, readout,
+                          float(edit_eps), K)
     elif P is not None:
         P.zero_()
     return m, n, P
-
-
-def _forward_tensors(*args):
-    """:func:`_forward` with empty [0] tensors for absent outputs (autograd / custom op)."""
-    m, n, P = _forward(*args)
-    res = args[1]
-    return (m, n if n is not None else res.new_empty((0,)), P if P is not None else res.new_empty((0,)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,86 +312,24 @@ def _backward(gm, gn, gP, residual, delta, table, row_idx, strength, pos_mask, r
     return grad_res, grad_delta, grad_table, grad_strength, grad_gamma, grad_dir
 
 
-class _FusedAddRMSNormFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, residual, delta, table, row_idx, strength, pos_mask, rms_scale, gamma, eps,
-                gemma, directions, readout, edit_eps, backend):
-        ctx.save_for_backward(residual, delta, table, row_idx, strength, pos_mask, gamma,
-                              directions, readout)
-        ctx.cfg = (rms_scale, eps, gemma, edit_eps)
-        return _forward_tensors(backend, residual, delta, table, row_idx, strength, pos_mask,
-                                rms_scale, gamma, eps, gemma, directions, readout, edit_eps)
-
-    @staticmethod
-    def backward(ctx, gm, gn, gP):
-        res, delta, table, row_idx, strength, pos_mask, gamma, directions, readout = ctx.saved_tensors
-        rms_scale, eps, gemma, edit_eps = ctx.cfg
-        n = ctx.needs_input_grad
-        gr, gd, gt, gs, gg, gdir = _backward(gm, gn, gP, res, delta, table, row_idx, strength,
-                                             pos_mask, rms_scale, gamma, eps, gemma, directions,
-                                             readout, edit_eps, (n[0], n[1], n[2], n[4], n[7], n[10]))
-        return gr, gd, gt, None, gs, None, None, gg, None, None, gdir, None, None, None
+def _backward_args(args, grads, needs, op):
+    gr, gd, gt, gs, gg, gdir = _backward(*grads, *args, (needs[0], needs[1], needs[2], needs[4],
+                                                         needs[7], needs[10]))
+    return gr, gd, gt, None, gs, None, None, gg, None, None, gdir, None, None
 
 
-# --------------------------------------------------------------------------------------------
-# custom op (torch.compile sees one opaque node)
-# --------------------------------------------------------------------------------------------
-@torch.library.custom_op("emokernels::fused_add_rmsnorm", mutates_args=())
-def _fused_add_rmsnorm_op(residual: Tensor, delta: Tensor, table: Optional[Tensor],
-                          row_idx: Optional[Tensor], strength: Optional[Tensor],
-                          pos_mask: Optional[Tensor], rms_scale: bool, gamma: Optional[Tensor],
-                          eps: float, gemma: bool, directions: Optional[Tensor],
-                          readout: Optional[Tensor], edit_eps: float,
-                          backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    be = resolve_backend(residual.device, backend or None)
-    return _forward_tensors(be, residual, delta, table, row_idx, strength, pos_mask, rms_scale,
-                            gamma, eps, gemma, directions, readout, edit_eps)
-
-
-@_fused_add_rmsnorm_op.register_fake
-def _(residual, delta, table, row_idx, strength, pos_mask, rms_scale, gamma, eps, gemma,
-      directions, readout, edit_eps, backend):
-    mdt = torch.promote_types(residual.dtype, delta.dtype)
-    m = residual.new_empty(residual.shape, dtype=mdt)
-    if gamma is None:
-        n = residual.new_empty((0,))
-    else:
-        n = residual.new_empty(residual.shape,
-                               dtype=mdt if gemma else torch.promote_types(gamma.dtype, mdt))
-    if directions is None:
-        P = residual.new_empty((0,))
-    else:
-        P = residual.new_empty((residual.shape[0], directions.shape[0]),
-                               dtype=torch.float64 if torch.float64 in (mdt, directions.dtype)
-                               else torch.float32)
-    return m, n, P
-
-
-def _op_setup_context(ctx, inputs, output):
-    (residual, delta, table, row_idx, strength, pos_mask, rms_scale, gamma, eps, gemma,
-     directions, readout, edit_eps, _backend) = inputs
-    ctx.save_for_backward(residual, delta, table, row_idx, strength, pos_mask, gamma, directions,
-                          readout)
-    ctx.cfg = (rms_scale, eps, gemma, edit_eps)
-
-
-def _op_backward(ctx, gm, gn, gP):
-    return _FusedAddRMSNormFn.backward(ctx, gm, gn, gP)
-
-
-_fused_add_rmsnorm_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+_OP = KernelOp(
+    "fused_add_rmsnorm",
+    "(Tensor residual, Tensor delta, Tensor? table, Tensor? row_idx, Tensor? strength, "
+    "Tensor? pos_mask, bool rms_scale, Tensor? gamma, float eps, bool gemma, Tensor? directions, "
+    "Tensor? readout, float edit_eps, str backend) -> (Tensor, Tensor, Tensor)",
+    reference=fused_add_rmsnorm_reference, forward=_forward, backward=_backward_args,
+    grad_args=(0, 1, 2, 4, 7, 10))
 
 
 # --------------------------------------------------------------------------------------------
 # dispatch without validation (the fused decoder layers call this on the hot path)
 # --------------------------------------------------------------------------------------------
-def _needs_grad(*ts) -> bool:
-    for t in ts:
-        if t is not None and t.requires_grad:
-            return True
-    return False
-
-
 def fused_add_rmsnorm_unchecked(backend: str, requested: str, residual, delta, table, row_idx,
                                 strength, pos_mask, rms_scale, gamma, eps, gemma, directions,
                                 readout, edit_eps=EDIT_EPS):
@@ -446,23 +339,11 @@ def fused_add_rmsnorm_unchecked(backend: str, requested: str, residual, delta, t
     the default), passed to the custom op under ``torch.compile``. Callers validate once (the
     fused layers do at patch time). ``rms_scale``, ``gemma`` bool; ``eps``, ``edit_eps`` float.
     """
-    if torch.compiler.is_compiling() and trace_reference(requested or None):
-        return fused_add_rmsnorm_reference(residual, delta, table, row_idx, strength, pos_mask, rms_scale,
-                                           gamma, eps, gemma, directions, readout, edit_eps)
-    if torch.is_grad_enabled() and _needs_grad(residual, delta, table, strength, gamma, directions):
-        if torch.compiler.is_compiling():
-            return torch.ops.emokernels.fused_add_rmsnorm(
-                residual, delta, table, row_idx, strength, pos_mask, rms_scale, gamma, eps,
-                gemma, directions, readout, edit_eps, requested)
-        return _FusedAddRMSNormFn.apply(residual, delta, table, row_idx, strength, pos_mask,
-                                        rms_scale, gamma, eps, gemma, directions, readout,
-                                        edit_eps, backend)
     if torch.compiler.is_compiling():
-        return torch.ops.emokernels.fused_add_rmsnorm(
-            residual, delta, table, row_idx, strength, pos_mask, rms_scale, gamma, eps, gemma,
-            directions, readout, edit_eps, requested)
-    return _forward(backend, residual, delta, table, row_idx, strength, pos_mask, rms_scale,
-                    gamma, eps, gemma, directions, readout, edit_eps)
+        return _OP(requested or None, residual, delta, table, row_idx, strength, pos_mask,
+                   rms_scale, gamma, eps, gemma, directions, readout, edit_eps)
+    return _OP.run(backend, residual, delta, table, row_idx, strength, pos_mask, rms_scale, gamma,
+                   eps, gemma, directions, readout, edit_eps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -477,13 +358,9 @@ def _check(residual, delta, table, row_idx, strength, pos_mask, gamma, direction
     if residual.dtype not in FLOATS or delta.dtype not in FLOATS:
         raise TypeError(f"{name}: residual and delta must be fp32/bf16/fp16 (fp64: reference "
                         f"only); got {residual.dtype}, {delta.dtype}")
-    dev = residual.device
-    others = [("delta", delta), ("table", table), ("row_idx", row_idx), ("strength", strength),
-              ("pos_mask", pos_mask), ("gamma", gamma), ("directions", directions),
-              ("readout", readout)]
-    for nm, t in others:
-        if t is not None and t.device != dev:
-            raise ValueError(f"{name}: all tensors must be on {dev}; {nm} is on {t.device}")
+    check_devices(name, residual.device, delta=delta, table=table, row_idx=row_idx,
+                  strength=strength, pos_mask=pos_mask, gamma=gamma, directions=directions,
+                  readout=readout)
     if table is not None:
         if table.dim() != 2 or table.shape[1] != d:
             raise ValueError(f"{name}: table must be [E, d] with d = {d}; table has shape "
@@ -538,10 +415,8 @@ def fused_add_rmsnorm(residual: Tensor, delta: Tensor, table: Optional[Tensor] =
         ``gamma``. ``m``, ``n`` in the activation dtype, ``P`` fp32 [B, K].
     """
     _check(residual, delta, table, row_idx, strength, pos_mask, gamma, directions, readout)
-    be = "reference" if torch.compiler.is_compiling() else resolve_backend(residual.device, backend)
-    m, n, P = fused_add_rmsnorm_unchecked(be, backend or "", residual, delta, table, row_idx,
-                                          strength, pos_mask, bool(rms_scale), gamma, float(eps),
-                                          bool(gemma), directions, readout, float(edit_eps))
+    m, n, P = _OP(backend, residual, delta, table, row_idx, strength, pos_mask, bool(rms_scale),
+                  gamma, float(eps), bool(gemma), directions, readout, float(edit_eps))
     n = n if gamma is not None else None
     P = P if directions is not None else None
     return (m, n) if directions is None else (m, n, P)

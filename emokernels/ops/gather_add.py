@@ -31,20 +31,15 @@ autograd; returns ``h``).
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
-from .backends import DTYPE_CODE, FLOATS, native_fn, resolve_backend, stream_args, trace_reference
+from ._op import HAS_TRITON, KernelOp, runners
+from .backends import DTYPE_CODE, FLOATS, check_devices, contiguous, f32_contiguous
 
-try:  # Triton is optional (CPU-only installs)
+if HAS_TRITON:
     import triton
     import triton.language as tl
-
-    _HAS_TRITON = True
-except Exception:  # pragma: no cover - exercised only without triton
-    _HAS_TRITON = False
 
 __all__ = ["gather_add", "gather_add_reference"]
 
@@ -68,7 +63,7 @@ def gather_add_reference(h: Tensor, table: Tensor, row_idx: Tensor, strength: Te
 # --------------------------------------------------------------------------------------------
 # Triton kernel: one program per (b, t) row, loops over d in BLOCK chunks
 # --------------------------------------------------------------------------------------------
-if _HAS_TRITON:
+if HAS_TRITON:
 
     @triton.jit
     def _gather_add_kernel(out_ptr, h_ptr, table_ptr, row_idx_ptr, strength_ptr, mask_ptr,
@@ -102,56 +97,43 @@ def _run_triton(h, table, row_idx, strength, pos_mask, rms_scale, eps, out):
     _gather_add_kernel[(B * T,)](out, h, table, row_idx, strength, pos_mask, T, d, float(eps),
                                  RMS=bool(rms_scale), BLOCK=block,
                                  num_warps=4 if block <= 1024 else 8)
-    return out
 
 
-# --------------------------------------------------------------------------------------------
-# native backends
-# --------------------------------------------------------------------------------------------
-def _run_native(backend, h, table, row_idx, strength, pos_mask, rms_scale, eps, out):
-    fn = native_fn(backend, "gather_add")
-    if fn is None:
-        return _run_reference(h, table, row_idx, strength, pos_mask, rms_scale, eps, out)
+def _native_args(h, table, row_idx, strength, pos_mask, rms_scale, eps, out):
     B, T, d = h.shape
-    fn(out.data_ptr(), h.data_ptr(), table.data_ptr(), row_idx.data_ptr(), strength.data_ptr(),
-       pos_mask.data_ptr(), B, T, d, table.shape[0], DTYPE_CODE[h.dtype], DTYPE_CODE[table.dtype],
-       bool(rms_scale), float(eps), *stream_args(backend, h))
-    return out
+    return (out.data_ptr(), h.data_ptr(), table.data_ptr(), row_idx.data_ptr(), strength.data_ptr(),
+            pos_mask.data_ptr(), B, T, d, table.shape[0], DTYPE_CODE[h.dtype], DTYPE_CODE[table.dtype],
+            bool(rms_scale), float(eps))
 
 
 def _run_reference(h, table, row_idx, strength, pos_mask, rms_scale, eps, out):
-    res = gather_add_reference(h, table, row_idx, strength, pos_mask, rms_scale, eps)
-    if out is None:
-        return res
-    return out.copy_(res)
+    out.copy_(gather_add_reference(h, table, row_idx, strength, pos_mask, rms_scale, eps))
 
 
-_RUNNERS = {"reference": _run_reference, "cpu": functools.partial(_run_native, "cpu"), "triton": _run_triton,
-            "cuda": functools.partial(_run_native, "cuda")}
+_RUNNERS = runners("gather_add", _run_reference, HAS_TRITON and _run_triton, _native_args)
 
 
 def _forward(backend: str, h, table, row_idx, strength, pos_mask, rms_scale, eps, out=None):
     """Run one backend; ``out`` (contiguous, h's shape and dtype) may be given, e.g. ``h`` itself."""
     if torch.float64 in (h.dtype, table.dtype) or backend == "reference":
-        return _run_reference(h, table, row_idx, strength, pos_mask, rms_scale, eps, out)
-    h = h if h.is_contiguous() else h.contiguous()
-    table = table if table.is_contiguous() else table.contiguous()
-    row_idx = row_idx if row_idx.is_contiguous() else row_idx.contiguous()
-    pos_mask = pos_mask if pos_mask.is_contiguous() else pos_mask.contiguous()
-    if strength.dtype != torch.float32 or not strength.is_contiguous():
-        strength = strength.to(torch.float32).contiguous()
+        res = gather_add_reference(h, table, row_idx, strength, pos_mask, rms_scale, eps)
+        return res if out is None else out.copy_(res)
+    h, table, row_idx, pos_mask = contiguous(h), contiguous(table), contiguous(row_idx), contiguous(pos_mask)
+    strength = f32_contiguous(strength)
     if out is None:
         out = torch.empty_like(h, memory_format=torch.contiguous_format)
-    if h.numel() == 0:
-        return out
-    return _RUNNERS[backend](h, table, row_idx, strength, pos_mask, rms_scale, eps, out)
+    if h.numel() > 0:
+        _RUNNERS[backend](h, table, row_idx, strength, pos_mask, rms_scale, eps, out)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
-# autograd
+# backward (analytic, torch)
 # --------------------------------------------------------------------------------------------
-def _backward(grad, h, table, row_idx, strength, pos_mask, rms_scale, eps, need_h, need_table,
-              need_strength):
+def _backward(args, grads, needs, op):
+    h, table, row_idx, strength, pos_mask, rms_scale, eps = args
+    grad = grads[0]
+    need_h, need_table, need_strength = needs[0], needs[1], needs[3]
     acc = torch.float64 if torch.float64 in (h.dtype, table.dtype, grad.dtype) else torch.float32
     g = grad.to(acc)
     d = h.shape[-1]
@@ -175,56 +157,14 @@ def _backward(grad, h, table, row_idx, strength, pos_mask, rms_scale, eps, need_
     if need_strength:
         w = m if r is None else m * r
         grad_strength = (w * gv).sum(1).to(strength.dtype)
-    return grad_h, grad_table, grad_strength
+    return grad_h, grad_table, None, grad_strength, None, None, None
 
 
-class _GatherAddFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, table, row_idx, strength, pos_mask, rms_scale, eps, backend):
-        ctx.save_for_backward(h, table, row_idx, strength, pos_mask)
-        ctx.rms_scale, ctx.eps = rms_scale, eps
-        return _forward(backend, h, table, row_idx, strength, pos_mask, rms_scale, eps)
-
-    @staticmethod
-    def backward(ctx, grad):
-        h, table, row_idx, strength, pos_mask = ctx.saved_tensors
-        n = ctx.needs_input_grad
-        gh, gt, gs = _backward(grad, h, table, row_idx, strength, pos_mask, ctx.rms_scale, ctx.eps,
-                               n[0], n[1], n[3])
-        return gh, gt, None, gs, None, None, None, None
-
-
-# --------------------------------------------------------------------------------------------
-# custom op (torch.compile sees one opaque node)
-# --------------------------------------------------------------------------------------------
-@torch.library.custom_op("emokernels::gather_add", mutates_args=())
-def _gather_add_op(h: Tensor, table: Tensor, row_idx: Tensor, strength: Tensor, pos_mask: Tensor,
-                   rms_scale: bool, eps: float, backend: str) -> Tensor:
-    be = resolve_backend(h.device, backend or None)
-    out = _forward(be, h, table, row_idx, strength, pos_mask, rms_scale, eps)
-    return out
-
-
-@_gather_add_op.register_fake
-def _(h, table, row_idx, strength, pos_mask, rms_scale, eps, backend):
-    return torch.empty(h.shape, dtype=h.dtype, device=h.device)
-
-
-def _op_setup_context(ctx, inputs, output):
-    h, table, row_idx, strength, pos_mask, rms_scale, eps, _backend = inputs
-    ctx.save_for_backward(h, table, row_idx, strength, pos_mask)
-    ctx.rms_scale, ctx.eps = rms_scale, eps
-
-
-def _op_backward(ctx, grad):
-    h, table, row_idx, strength, pos_mask = ctx.saved_tensors
-    n = ctx.needs_input_grad
-    gh, gt, gs = _backward(grad, h, table, row_idx, strength, pos_mask, ctx.rms_scale, ctx.eps,
-                           n[0], n[1], n[3])
-    return gh, gt, None, gs, None, None, None, None
-
-
-_gather_add_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+_OP = KernelOp(
+    "gather_add",
+    "(Tensor h, Tensor table, Tensor row_idx, Tensor strength, Tensor pos_mask, bool rms_scale, "
+    "float eps, str backend) -> Tensor",
+    reference=gather_add_reference, forward=_forward, backward=_backward, grad_args=(0, 1, 3))
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,11 +195,8 @@ def _check(h, table, row_idx, strength, pos_mask):
         raise TypeError(f"gather_add: pos_mask must be bool, got {pos_mask.dtype}")
     if not strength.is_floating_point():
         raise TypeError(f"gather_add: strength must be a float tensor (fp32), got {strength.dtype}")
-    dev = h.device
-    if table.device != dev or row_idx.device != dev or strength.device != dev or pos_mask.device != dev:
-        raise ValueError(f"gather_add: all tensors must be on {dev}; got table {table.device}, "
-                         f"row_idx {row_idx.device}, strength {strength.device}, "
-                         f"pos_mask {pos_mask.device}")
+    check_devices("gather_add", h.device, table=table, row_idx=row_idx, strength=strength,
+                  pos_mask=pos_mask)
 
 
 def gather_add(h: Tensor, table: Tensor, row_idx: Tensor, strength: Tensor, pos_mask: Tensor,
@@ -277,23 +214,6 @@ def gather_add(h: Tensor, table: Tensor, row_idx: Tensor, strength: Tensor, pos_
     Returns:
         [B, T, d] tensor in h's dtype (a new tensor unless ``inplace``).
     """
-    if torch.compiler.is_compiling():
-        _check(h, table, row_idx, strength, pos_mask)
-        if inplace:
-            raise RuntimeError("gather_add: inplace=True is not supported under torch.compile")
-        if trace_reference(backend):
-            return gather_add_reference(h, table, row_idx, strength, pos_mask, bool(rms_scale), float(eps))
-        return torch.ops.emokernels.gather_add(h, table, row_idx, strength, pos_mask,
-                                               bool(rms_scale), float(eps), backend or "")
     _check(h, table, row_idx, strength, pos_mask)
-    be = resolve_backend(h.device, backend)
-    if torch.is_grad_enabled() and (h.requires_grad or table.requires_grad or strength.requires_grad):
-        if inplace:
-            raise RuntimeError("gather_add: inplace=True needs torch.no_grad() or inputs that do "
-                               "not require grad")
-        return _GatherAddFn.apply(h, table, row_idx, strength, pos_mask, rms_scale, eps, be)
-    if inplace:
-        if not h.is_contiguous():
-            raise ValueError("gather_add: inplace=True needs a contiguous h")
-        return _forward(be, h, table, row_idx, strength, pos_mask, rms_scale, eps, out=h)
-    return _forward(be, h, table, row_idx, strength, pos_mask, rms_scale, eps)
+    return _OP(backend, h, table, row_idx, strength, pos_mask, bool(rms_scale), float(eps),
+               out=h if inplace else None)

@@ -308,11 +308,10 @@ class PatchHandle(ContextDecorator):
             mask = st.mask(iv.positions)
             if iv.op in ("add", "add_rms"):
                 x = ops.gather_add(x, iv.vectors[l], rows, s, mask, rms_scale=iv.op == "add_rms", backend=be)
-            elif iv.site == "neurons":
-                x = ops.neuron_edit(x, iv.index[l], _get(iv.scale, l), _get(iv.add, l), rows, s, mask, backend=be)
-            else:
-                x = ops.head_edit(x, iv.index[l], self.adapter.head_dim, _get(iv.scale, l), _get(iv.add, l), rows, s, mask,
-                                  backend=be)
+            else:  # a neuron is a group of 1 channel, a head one of head_dim
+                group = 1 if iv.site == "neurons" else self.adapter.head_dim
+                x = ops.sparse_edit(x, iv.index[l], group, _get(iv.scale, l), _get(iv.add, l), rows, s, mask,
+                                    backend=be)
         return x
 
     def _capture(self, l: int, x: torch.Tensor, iv: Intervention):

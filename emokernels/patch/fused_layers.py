@@ -21,8 +21,8 @@ Which interventions are fused (per layer and per point; mid = ``resid_mid`` + ``
 post = ``resid_post`` + ``mlp_out``):
 
 * ``add`` at ``resid_mid``, ``attn_out``, ``resid_post``, ``mlp_out`` (an addition to A is an
-  addition to m = h + A; same for F and h'), except ``attn_out``/``mlp_out`` on Phi-3 with residual
-  dropout > 0 (the reference adds before the dropout);
+  addition to m = h + A; same for F and h'), except ``attn_out``/``mlp_out`` in a family whose residual
+  dropout is > 0 (``FamilySpec.resid_dropout``, Phi-3's; the reference adds before the dropout);
 * ``add_rms`` at ``resid_mid``/``resid_post`` (the rms is that of the residual, as in the hook
   path); ``add_rms`` at ``attn_out``/``mlp_out`` scales by rms(A)/rms(F) and stays on hooks;
 * ``project`` and ``capture`` at ``resid_mid``/``resid_post`` (they read the final m / h').
@@ -48,13 +48,14 @@ from typing import Callable
 
 import torch
 
+from ..models.adapters import FAMILIES
 from ..ops.backends import resolve_backend
 from ..ops.fused_residual import EDIT_EPS, MAX_K, fused_add_rmsnorm_unchecked
 from .spec import Intervention
 
 __all__ = ["FUSABLE_FAMILIES", "FusedLayers", "install_fused_layers"]
 
-FUSABLE_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3_text", "gemma3")
+FUSABLE_FAMILIES = tuple(FAMILIES)  # every row of the family table
 _MARK = "_emokernels_fused_forward"
 _EDITS = ("add", "add_rms")
 _READS = ("capture", "project")
@@ -131,9 +132,9 @@ def _summable(a: Intervention, b: Intervention, layer: int) -> bool:
             and a.vectors[layer].shape == b.vectors[layer].shape)
 
 
-def _fusable(iv: Intervention, phi3_dropout: bool) -> bool:
+def _fusable(iv: Intervention, resid_dropout: bool) -> bool:
     if iv.op == "add":
-        return not (phi3_dropout and iv.site in ("attn_out", "mlp_out"))
+        return not (resid_dropout and iv.site in ("attn_out", "mlp_out"))
     if iv.op == "add_rms":
         return iv.site in ("resid_mid", "resid_post")
     if iv.op in _READS:
@@ -184,8 +185,8 @@ def _point_ivs(by_site: dict, layer: int, point: str) -> list[Intervention]:
     return [iv for k in keys for iv in by_site[k]]
 
 
-def _point_ok(ivs: list[Intervention], phi3_dropout: bool) -> bool:
-    if not all(_fusable(iv, phi3_dropout) for iv in ivs):
+def _point_ok(ivs: list[Intervention], resid_dropout: bool) -> bool:
+    if not all(_fusable(iv, resid_dropout) for iv in ivs):
         return False
     seen_read = False
     for iv in ivs:
@@ -351,12 +352,13 @@ def install_fused_layers(handle, by_site: dict) -> FusedLayers:
     """
     fl = FusedLayers()
     a = handle.adapter
-    if a.family not in FUSABLE_FAMILIES:
+    if a.family not in FAMILIES:  # read live: a row added to the table is fusable at once
         return fl
     dev = next(handle.model.parameters()).device
     be = handle.resolved_backend if dev == handle._device else resolve_backend(dev, handle.backend)
     req = handle.backend or ""
-    phi3_dropout = a.family == "phi3" and float(getattr(a.model.config, "resid_pdrop", 0.0) or 0.0) > 0
+    drop = a.spec.resid_dropout
+    resid_dropout = bool(drop) and float(getattr(a.model.config, drop, 0.0) or 0.0) > 0
     layers = sorted({l for (site, l) in by_site if site in ("resid_mid", "attn_out", "resid_post", "mlp_out")})
     try:
         for l in layers:
@@ -366,7 +368,7 @@ def install_fused_layers(handle, by_site: dict) -> FusedLayers:
             points, keys = {}, set()
             for point, sites in (("mid", ("attn_out", "resid_mid")), ("post", ("mlp_out", "resid_post"))):
                 ivs = _point_ivs(by_site, l, point)
-                if ivs and _point_ok(ivs, phi3_dropout):
+                if ivs and _point_ok(ivs, resid_dropout):
                     points[point] = _Point(handle, l, ivs)
                     keys |= {(s, l) for s in sites if (s, l) in by_site}
             if not points:

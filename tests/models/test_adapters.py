@@ -34,6 +34,29 @@ def test_captured_residuals_equal_hidden_states(family):
         torch.testing.assert_close(caps["resid_post"][l][0], mid + caps["mlp_out"][l][0])
 
 
+def test_a_llama_shaped_family_is_one_row(monkeypatch):
+    """One FamilySpec row makes a new model_type load as a tiny model, adapt and run fused."""
+    from emokernels.models import adapters
+    from emokernels.models.tiny import tiny_model
+
+    monkeypatch.setitem(adapters.FAMILIES, "newfam", adapters.FamilySpec("LlamaConfig"))
+    monkeypatch.setitem(adapters.TINY_FAMILIES, "newfam", "newfam")
+    model, _ = tiny_model("newfam", with_tokenizer=False)
+    model.config.model_type = "newfam"  # what a new transformers class would report
+    a = Adapter.of(model)
+    assert a.family == "newfam" and a.sites(1).norm_mlp is a.layers[1].post_attention_layernorm
+    ids = torch.randint(0, 512, (2, 5))
+    iv = Intervention(site="resid_mid", op="add", layers=[1], positions="all",
+                      vectors={1: torch.randn(3, a.hidden_size)}, rows=torch.tensor([0, 2]))
+    with torch.no_grad():
+        with patch(model, iv, backend="reference"):
+            ref = model(input_ids=ids).logits
+        with patch(model, iv, backend="fused"):
+            assert "forward" in a.layers[1].__dict__  # the fused decoder layer is installed
+            fused = model(input_ids=ids).logits
+    torch.testing.assert_close(fused, ref, rtol=1e-4, atol=1e-4)
+
+
 def test_readout_right_and_left_padding_match_single_rows():
     model, tok = tiny("qwen2")
     for side in ("left", "right"):

@@ -99,45 +99,39 @@ def test_build_failure_reports_compiler_output(tmp_path, monkeypatch):
         _build._build("cpu")
 
 
-def test_missing_bind_files_get_stubs(tmp_path):
-    module = tmp_path / "cpu_module.cpp"
-    module.write_text("void bind_a(pybind11::module_&);\nvoid bind_b(pybind11::module_&);\n")
-    present = [tmp_path / "a_bind.cpp"]
-    with pytest.warns(RuntimeWarning, match="bind_b"):
-        src = _build._stub_source("cpu", module, present)
-    assert "void bind_b(pybind11::module_&) {}" in src and "bind_a(" not in src
-    assert _build._stub_source("cpu", module, present + [tmp_path / "b_bind.cpp"]) is None
-
-
 def test_public_exports():
     import emokernels.ops as ops
 
     for name in ("gather_add", "capture_project", "resolve_backend"):
         assert callable(getattr(ops, name))
-    assert "neuron_edit" in ops.__all__ and "head_edit" in ops.__all__
+    assert "sparse_edit" in ops.__all__ and "fused_add_rmsnorm" in ops.__all__
 
 
 def _launcher_inputs(op: str):
-    """Small valid arguments of each op's ``_run_native`` (after the backend name)."""
+    """Small valid arguments of each op's backend runners (after the backend name)."""
     z, rows, s, mask = torch.randn(1, 2, 8), torch.tensor([1]), torch.ones(1), torch.ones(1, 2, dtype=torch.bool)
     return {
-        "head_edit": (z, torch.tensor([1]), 4, torch.ones(2, 1), torch.ones(2, 1, 4), rows, s, mask, torch.empty_like(z)),
-        "neuron_edit": (z, torch.tensor([3]), torch.ones(2, 1), torch.ones(2, 1), rows, s, mask, torch.empty_like(z)),
+        "sparse_edit/heads": (z, torch.tensor([1]), 4, torch.ones(2, 1), torch.ones(2, 1, 4), rows, s, mask, torch.empty_like(z)),
+        "sparse_edit/neurons": (z, torch.tensor([3]), 1, torch.ones(2, 1), torch.ones(2, 1), rows, s, mask, torch.empty_like(z)),
         "gather_add": (z, torch.randn(2, 8), rows, s, mask, False, 1e-6, torch.empty_like(z)),
         "capture_project": (z, torch.randn(3, 8), torch.tensor([1]), torch.empty(1, 3), torch.empty(1, 8)),
     }[op]
 
 
-@pytest.mark.parametrize("op", ["head_edit", "neuron_edit", "gather_add", "capture_project"])
+@pytest.mark.parametrize("op", ["sparse_edit/heads", "sparse_edit/neurons", "gather_add", "capture_project"])
 def test_cuda_launcher_gets_the_cpu_arguments_plus_the_stream(op, monkeypatch):
-    """One ``_run_native`` serves both native modules; the CUDA binding takes the stream last."""
+    """One argument list serves both native modules; the CUDA binding takes the stream last."""
     import importlib
 
-    mod = importlib.import_module(f"emokernels.ops.{op}")
+    from emokernels.ops import _op
+
+    name = op.split("/")[0]
+    mod = importlib.import_module(f"emokernels.ops.{name}")
     calls = {}
-    monkeypatch.setattr(mod, "native_fn", lambda backend, name: lambda *a: calls.setdefault((backend, name), a))
+    monkeypatch.setattr(_op, "_NATIVE", {})  # forget the functions looked up before
+    monkeypatch.setattr(_op, "native_fn", lambda backend, fn_name: lambda *a: calls.setdefault((backend, fn_name), a))
     monkeypatch.setattr(backends, "cuda_stream_ptr", lambda t: 12345)
     args = _launcher_inputs(op)
     for backend in ("cpu", "cuda"):
         mod._RUNNERS[backend](*args)
-    assert calls[("cuda", op)] == calls[("cpu", op)] + (12345,)
+    assert calls[("cuda", name)] == calls[("cpu", name)] + (12345,)

@@ -1,10 +1,14 @@
-"""gather_add: every CPU-runnable backend against the reference (Triton under TRITON_INTERPRET=1)."""
+"""gather_add on every backend and device against the reference.
+
+The same tests run on the CPU (reference, C++, Triton under TRITON_INTERPRET=1) and, marked
+``gpu``, on a CUDA device (the ``cuda`` and ``triton`` backends).
+"""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tests.helpers import compile_matches_eager, op_backends, uses_custom_op
+from tests.helpers import compile_matches_eager, op_backends, op_cases, uses_custom_op
 
 import importlib
 
@@ -18,12 +22,16 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (B, T, d): decode, odd sizes, d=1, a non-power-of-2 d spanning two Triton blocks is not
 # needed (BLOCK = next_pow2(d)), but d=577 gives a ragged tail.
 SHAPES = [(1, 1, 576), (2, 3, 77), (3, 5, 128), (2, 2, 1), (1, 4, 577)]
-
+# GPU sizes: decode at Llama-3.2-3B width, prefill, d > one Triton block
+GPU_SHAPES = [(1, 1, 3072), (8, 128, 576), (2, 5, 8199), (4, 257, 3072)]
 
 BACKENDS = op_backends()
+CASES = op_cases()
+NATIVE = [c for c in CASES if c.values[1] != "reference"]
+gpu = pytest.mark.gpu
 
 
-def _inputs(B, T, d, dtype, table_dtype=None, E=4, seed=0):
+def _inputs(B, T, d, dtype, table_dtype=None, E=4, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     h = (torch.randn(B, T, d, generator=g) * 2).to(dtype)
     table = torch.randn(E, d, generator=g).to(table_dtype or dtype)
@@ -33,52 +41,59 @@ def _inputs(B, T, d, dtype, table_dtype=None, E=4, seed=0):
     pos_mask[0, -1] = True  # at least one edited position
     if T > 1:
         pos_mask[-1, 0] = False  # at least one kept position
-    return h, table, row_idx, strength, pos_mask
+    return tuple(t.to(device) for t in (h, table, row_idx, strength, pos_mask))
 
 
-def _tol(dtype):
-    return {torch.float32: dict(rtol=1e-5, atol=1e-5),
+def _tol(dtype, device="cpu"):
+    # fp32 on the GPU: the rms is a differently ordered fp32 sum (and Triton's sqrt may be approximate)
+    return {torch.float32: dict(rtol=1e-5, atol=2e-5 if device == "cuda" else 1e-5),
             torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2),
             torch.float16: dict(rtol=2e-3, atol=2e-3)}[dtype]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", SHAPES + [pytest.param(s, marks=gpu) for s in GPU_SHAPES],
+                         ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("rms_scale", [False, True])
-def test_matches_reference(backend, dtype, shape, rms_scale):
-    h, table, row_idx, strength, pos_mask = _inputs(*shape, dtype)
+def test_matches_reference(device, backend, dtype, shape, rms_scale):
+    if shape in GPU_SHAPES and device != "cuda":
+        pytest.skip("GPU-sized shape")
+    h, table, row_idx, strength, pos_mask = _inputs(*shape, dtype, device=device)
     ref = gather_add_reference(h, table, row_idx, strength, pos_mask, rms_scale)
     out = gather_add(h, table, row_idx, strength, pos_mask, rms_scale=rms_scale, backend=backend)
-    assert out.dtype == dtype and out.shape == h.shape
-    torch.testing.assert_close(out, ref, **_tol(dtype))
+    assert out.dtype == dtype and out.shape == h.shape and out.device == h.device
+    torch.testing.assert_close(out, ref, **_tol(dtype, device))
     keep = ~pos_mask
     assert torch.equal(out[keep], h[keep]), "masked-out positions must be copied exactly"
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("device,backend", NATIVE)
 @pytest.mark.parametrize("table_dtype", DTYPES, ids=str)
-def test_mixed_table_dtype(backend, table_dtype):
-    h, table, row_idx, strength, pos_mask = _inputs(2, 3, 96, torch.bfloat16, table_dtype)
+def test_mixed_table_dtype(device, backend, table_dtype):
+    shape = (3, 9, 3072) if device == "cuda" else (2, 3, 96)
+    h, table, row_idx, strength, pos_mask = _inputs(*shape, torch.bfloat16, table_dtype, device=device)
     ref = gather_add_reference(h, table, row_idx, strength, pos_mask, True)
     out = gather_add(h, table, row_idx, strength, pos_mask, rms_scale=True, backend=backend)
     torch.testing.assert_close(out, ref, **_tol(torch.bfloat16))
 
 
-def test_fp32_cpu_bitwise_without_rms():
-    """No reduction involved: the C++ kernel rounds exactly like the reference."""
-    h, table, row_idx, strength, pos_mask = _inputs(3, 4, 200, torch.float32)
+@pytest.mark.parametrize("device,backend,shape", [("cpu", "cpu", (3, 4, 200)),
+                                                  pytest.param("cuda", "cuda", (4, 33, 3072), marks=gpu)])
+def test_fp32_native_bitwise_without_rms(device, backend, shape):
+    """No reduction involved: the C++ / CUDA kernel rounds exactly like the reference."""
+    h, table, row_idx, strength, pos_mask = _inputs(*shape, torch.float32, device=device)
     ref = gather_add_reference(h, table, row_idx, strength, pos_mask)
-    assert torch.equal(gather_add(h, table, row_idx, strength, pos_mask, backend="cpu"), ref)
+    assert torch.equal(gather_add(h, table, row_idx, strength, pos_mask, backend=backend), ref)
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("device,backend", NATIVE)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("rms_scale", [False, True])
-def test_low_precision_error_vs_fp64(backend, dtype, rms_scale):
+def test_low_precision_error_vs_fp64(device, backend, dtype, rms_scale):
     """Error against an fp64 reference is within 2x of torch's own error in that dtype."""
-    shape = (4, 16, 256) if backend == "cpu" else (2, 4, 128)
-    h, table, row_idx, strength, pos_mask = _inputs(*shape, dtype, seed=1)
+    shape = (8, 64, 3072) if device == "cuda" else (4, 16, 256) if backend == "cpu" else (2, 4, 128)
+    h, table, row_idx, strength, pos_mask = _inputs(*shape, dtype, seed=1, device=device)
     exact = gather_add_reference(h.double(), table.double(), row_idx, strength.double(), pos_mask,
                                  rms_scale)
     # torch's own: the same formula evaluated entirely in `dtype`
@@ -91,28 +106,30 @@ def test_low_precision_error_vs_fp64(backend, dtype, rms_scale):
     assert err <= 2 * err_torch + 1e-6, (err, err_torch)
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("device,backend", NATIVE)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_poisoned_output_fully_written(backend, dtype):
-    h, table, row_idx, strength, pos_mask = _inputs(2, 5, 130, dtype)
+def test_poisoned_output_fully_written(device, backend, dtype):
+    shape = (3, 17, 1000) if device == "cuda" else (2, 5, 130)
+    h, table, row_idx, strength, pos_mask = _inputs(*shape, dtype, device=device)
     out = torch.full_like(h, float("nan"))
     res = ga_mod._forward(backend, h, table, row_idx, strength, pos_mask, True, 1e-12, out=out)
     assert res.data_ptr() == out.data_ptr()
     assert not torch.isnan(out).any()
     torch.testing.assert_close(out, gather_add_reference(h, table, row_idx, strength, pos_mask, True),
-                               **_tol(dtype))
+                               **_tol(dtype, device))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_inplace(backend):
-    h, table, row_idx, strength, pos_mask = _inputs(2, 3, 64, torch.float32)
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_inplace(device, backend, dtype):
+    h, table, row_idx, strength, pos_mask = _inputs(2, 3, 64, dtype, device=device)
     ref = gather_add_reference(h, table, row_idx, strength, pos_mask, True)
     h2 = h.clone()
     with torch.no_grad():
         out = gather_add(h2, table, row_idx, strength, pos_mask, rms_scale=True, backend=backend,
                          inplace=True)
     assert out is h2
-    torch.testing.assert_close(h2, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h2, ref, **_tol(dtype, device))
     hg = h.clone().requires_grad_()
     with pytest.raises(RuntimeError, match="inplace"):
         gather_add(hg, table, row_idx, strength, pos_mask, backend=backend, inplace=True)
@@ -167,10 +184,11 @@ def test_gradcheck_fp64(rms_scale):
     assert torch.autograd.gradcheck(f_op, (h, table, strength))
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
-def test_grad_native_forward_matches_autograd_of_reference(backend):
-    h, table, row_idx, strength, pos_mask = _inputs(2, 3, 40, torch.float32)
-    g = torch.randn(2, 3, 40)
+@pytest.mark.parametrize("device,backend", NATIVE)
+def test_grad_native_forward_matches_autograd_of_reference(device, backend):
+    shape = (2, 5, 300) if device == "cuda" else (2, 3, 40)
+    h, table, row_idx, strength, pos_mask = _inputs(*shape, torch.float32, device=device)
+    g = torch.randn(shape).to(device)
     grads = []
     for fn in (lambda *a: gather_add(*a, rms_scale=True, backend=backend),
                lambda *a: gather_add_reference(*a, rms_scale=True)):
@@ -179,7 +197,7 @@ def test_grad_native_forward_matches_autograd_of_reference(backend):
         out.backward(g)
         grads.append([t.grad for t in leaves])
     for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 if device == "cuda" else 1e-5)
 
 
 @pytest.mark.parametrize("backend", [None, "reference", "cpu"])
@@ -212,3 +230,45 @@ def test_cpu_16bit_conversions_bitwise(dtype):
         assert torch.equal(out.isnan(), ref.isnan())
         fin = ~ref.isnan()
         assert torch.equal(out[fin].view(torch.int16), ref[fin].view(torch.int16))
+
+
+# -- CUDA only -------------------------------------------------------------------------------
+@gpu
+def test_auto_backend_is_cuda():
+    backends._reset_for_tests()
+    assert backends.resolve_backend(torch.device("cuda"), "auto") == "cuda", backends.cuda_ext_error()
+    assert backends.native_fn("cuda", "gather_add") is not None
+
+
+@gpu
+def test_cuda_graph_capture():
+    """The CUDA launcher runs on torch's current stream, so it can be captured in a graph."""
+    h, table, row_idx, strength, pos_mask = _inputs(1, 1, 3072, torch.bfloat16, device="cuda")
+    static_out = torch.empty_like(h)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            ga_mod._forward("cuda", h, table, row_idx, strength, pos_mask, True, 1e-12, out=static_out)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ga_mod._forward("cuda", h, table, row_idx, strength, pos_mask, True, 1e-12, out=static_out)
+    h.mul_(3.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(static_out,
+                               gather_add_reference(h, table, row_idx, strength, pos_mask, True),
+                               **_tol(torch.bfloat16))
+
+
+@gpu
+@pytest.mark.parametrize("backend", [None, "cuda", "triton"])
+def test_torch_compile_fullgraph_cuda(backend):
+    h, table, row_idx, strength, pos_mask = _inputs(2, 3, 256, torch.float32, device="cuda")
+
+    def f(h):
+        return gather_add(h * 1.5, table, row_idx, strength, pos_mask, rms_scale=True, backend=backend).sum()
+
+    cf = torch.compile(f, fullgraph=True)  # inductor: the traced reference, or the custom op
+    torch.testing.assert_close(cf(h), f(h), rtol=1e-5, atol=1e-4)

@@ -11,9 +11,7 @@ import torch
 from emokernels import Intervention, patch
 from emokernels.models import Adapter, load
 from emokernels.patch.fused_layers import FUSABLE_FAMILIES
-from tests.helpers import position_ids, prompt_batch, tiny
-
-FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3"]  # tiny_model names
+from tests.helpers import FAMILIES, position_ids, prompt_batch, tiny
 ROWS = torch.tensor([2, 0, 1])
 STRENGTH = torch.tensor([0.5, -1.0, 2.0])
 
