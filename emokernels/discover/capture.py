@@ -505,7 +505,7 @@ def capture(model, tokenizer, units: Sequence[CaptureUnit], *, prompt_config: Pr
             meta["accumulator"] = m
         if kept:
             tensors["states"] = torch.cat(kept)
-        save_tensors(ck, tensors, meta)
+        save_tensors(ck, tensors, meta, sidecar=False)  # one file: the `done` list is atomic with the state
 
     batches = [todo[i: i + batch_size] for i in range(0, len(todo), batch_size)]
     bar = None

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from ..io import append_jsonl, read_jsonl
+from ..io import append_jsonl, check_unique_keys, exclusive_output, read_jsonl
 from .base import DEFAULT, JUDGES, Judge, JudgeUnavailableError, get_judge
 
 
@@ -31,8 +31,10 @@ def judge_rows(rows: Sequence[dict], judge: Judge, out_path, *, second: Judge | 
 
     A verdict the judge could not give (label ``"error"``: an endpoint down after its retries) is
     never stored: the run stops with ``JudgeUnavailableError`` and those rows stay pending, so
-    the same call judges them later. Error rows left by older versions are dropped on resume."""
-    from ..data.generate import truncate_torn_tail
+    the same call judges them later. Error rows left by older versions are dropped on resume.
+    ``out_path`` has one writer at a time (:class:`~emokernels.io.OutputLockedError` otherwise);
+    duplicated keys in the generations or in ``out_path`` raise
+    :class:`~emokernels.io.DuplicateKeyError` naming the keys and the repair."""
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -41,15 +43,21 @@ def judge_rows(rows: Sequence[dict], judge: Judge, out_path, *, second: Judge | 
         for f in ("key", "text", "emotion"):
             if f not in r:
                 raise ValueError(f"generation row {i} has no {f!r} field")
-    keys = [r["key"] for r in rows]
-    if len(set(keys)) != len(keys):
-        raise ValueError("duplicate keys in the generations")
+    check_unique_keys(rows)
     out_path = Path(out_path)
+    with exclusive_output(out_path):
+        return _judge_locked(rows, judge, out_path, second, batch_size, resume, progress)
+
+
+def _judge_locked(rows, judge, out_path, second, batch_size, resume, progress):
+    from ..data.generate import truncate_torn_tail
+
+    keys = [r["key"] for r in rows]
     if not resume and out_path.exists():
         out_path.unlink()
     truncate_torn_tail(out_path)
     jd, sd = judge.describe(), second.describe() if second is not None else None
-    done, stored = {}, read_jsonl(out_path)
+    done, stored = {}, read_jsonl(out_path, unique_key="key")
     for r in stored:
         if r.get("judge") != jd or (r.get("second") or {}).get("judge") != sd:
             raise ValueError(f"{out_path} holds rows judged with other settings (row {r.get('key')!r}); use another --out or --no-resume")
@@ -136,7 +144,7 @@ def _main(args) -> int:
         raise FileNotFoundError(f"no generations file at {inp}")
     if args.second_judge == args.judge:
         raise ValueError("--second-judge must differ from --judge")
-    rows = read_jsonl(inp)
+    rows = read_jsonl(inp, unique_key="key")
     if not rows:
         raise ValueError(f"{inp} holds no rows")
     t0 = time.perf_counter()
