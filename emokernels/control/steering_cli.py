@@ -37,6 +37,8 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", required=True, help="generations JSONL")
+    p.add_argument("--allow-model-mismatch", action="store_true",
+                   help="apply directions estimated on another model (name or config differs) anyway")
     p.set_defaults(func=run)
 
 
@@ -56,7 +58,8 @@ def run(args) -> int:
     t0 = time.time()
     out = Path(args.out)
     model, tok = load(args.model, dtype=getattr(torch, args.dtype))
-    dirs = EmotionDirections.load(args.directions, model=model)
+    dirs = EmotionDirections.load(args.directions, model=model,
+                                  allow_model_mismatch=getattr(args, "allow_model_mismatch", False))
     judge = get_judge(args.judge)
     base = default_alpha(dirs.hidden_size)
     sweep = None

@@ -282,15 +282,18 @@ class Circuit:
         require_finite(t, path)
         stored = tuple(meta["emotions"])
         tables = {name: {e: {} for e in stored} for name in cls._TABLES}
-        for key, v in t.items():
+        unexpected = []
+        for key, v in sorted(t.items()):
             if key == "_empty":
                 continue
             try:
                 name, e, l = key.rsplit(".", 2)
                 tables[name][e][int(l)] = v.long() if name in ("neurons", "heads", "ablate_neurons", "ablate_heads") else v.float()
-            except (ValueError, KeyError) as err:
-                raise CorruptArtifactError(f"{path}: unexpected tensor {key!r} (not '<table>.<emotion>.<layer>' of a "
-                                           f"listed emotion {stored})") from err
+            except (ValueError, KeyError):
+                unexpected.append(key)
+        if unexpected:
+            raise CorruptArtifactError(f"{path}: unexpected tensors {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''} "
+                                       f"(not '<table>.<emotion>.<layer>' of a listed emotion {stored})")
         try:
             strengths = {k: float(v) for k, v in meta.get("strengths", {}).items()}
         except (TypeError, ValueError) as err:

@@ -72,6 +72,8 @@ def register(subparsers) -> None:
     p.add_argument("--enhance-scale", type=float, default=1.0, help="s in the additive enhancement s·Δ")
     p.add_argument("--judge", default=None, help="also judge generations with this judge (a name of emokernels.judge.JUDGES); slow")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--allow-model-mismatch", action="store_true",
+                   help="apply directions estimated on another model (name or config differs) anyway")
     p.set_defaults(func=run)
 
 
@@ -265,7 +267,8 @@ def run(args) -> int:
     t0 = time.time()
     model, tok = load(args.model, dtype=getattr(torch, args.dtype))
     a = Adapter.of(model)
-    dirs = EmotionDirections.load(args.directions, model=model)
+    dirs = EmotionDirections.load(args.directions, model=model,
+                                  allow_model_mismatch=getattr(args, "allow_model_mismatch", False))
     dirs_attn, dirs_mlp = direction_tensors(dirs)
     skeletons = load_split(args.split, args.limit)
     accepted = load_accepted_keys(args.accepted) if args.accepted else None
