@@ -35,7 +35,6 @@ def judge_rows(rows: Sequence[dict], judge: Judge, out_path, *, second: Judge | 
     ``out_path`` has one writer at a time (:class:`~emokernels.io.OutputLockedError` otherwise);
     duplicated keys in the generations or in ``out_path`` raise
     :class:`~emokernels.io.DuplicateKeyError` naming the keys and the repair."""
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     rows = list(rows)
@@ -56,8 +55,8 @@ def _judge_locked(rows, judge, out_path, second, batch_size, resume, progress):
     if not resume and out_path.exists():
         out_path.unlink()
     truncate_torn_tail(out_path)
-    jd, sd = judge.describe(), second.describe() if second is not None else None
     done, stored = {}, read_jsonl(out_path, unique_key="key")
+    jd, sd = judge.describe(), second.describe() if second is not None else None
     for r in stored:
         if r.get("judge") != jd or (r.get("second") or {}).get("judge") != sd:
             raise ValueError(f"{out_path} holds rows judged with other settings (row {r.get('key')!r}); use another --out or --no-resume")

@@ -6,8 +6,8 @@ Qwen2.5-Coder), so artifacts record :func:`model_identity` and :func:`check_iden
 a mismatch unless the caller passes ``allow_model_mismatch=True`` (CLI ``--allow-model-mismatch``).
 
 * ``name``: the name the model was loaded by (zoo name, Hub id or folder; ``model_name_of``).
-  Names are compared by their last path component, case-insensitively, so a Hub id and a local
-  folder of the same checkpoint agree.
+  Names are compared by their last path component, case-insensitively, with zoo names standing
+  for their checkpoint, so a zoo name, its Hub id and a local folder of it agree.
 * ``config_hash``: sha256 (16 hex) over the fields in :data:`CONFIG_FIELDS` of the (text) config:
   everything that fixes the tensor shapes or the forward computation. Not dtype, paths,
   generation settings or the transformers version, so reloading in another precision or on
@@ -60,9 +60,19 @@ def model_identity(model) -> dict:
 
 
 def _name_key(name: str | None) -> str:
+    """What two names must share to name one model: the last path component, lower case, without
+    ``.gguf`` and a quantisation suffix; a zoo name stands for its checkpoint (``smollm2-135m`` ->
+    ``smollm2-135m-instruct``, as its Hub id ``HuggingFaceTB/SmolLM2-135M-Instruct``)."""
+    import re
+
+    from .loader import ZOO
+
     name = (name or "").rstrip("/\\")
+    if name in ZOO:
+        name = ZOO[name].gguf_name
     base = name.replace("\\", "/").rsplit("/", 1)[-1].lower()
-    return base[:-5] if base.endswith(".gguf") else base
+    base = base[:-5] if base.endswith(".gguf") else base
+    return re.sub(r"[.-](q\d\w*|f16|f32|bf16)$", "", base)
 
 
 def describe(identity: dict | None) -> str:

@@ -94,6 +94,23 @@ def test_identity_ignores_dtype_and_is_stable():
     assert model_identity(tiny_model("qwen2", with_tokenizer=False)[0])["config_hash"] != ia["config_hash"]
 
 
+NAMES = [  # (case, stored name, model name, same model?)
+    ("zoo name vs its Hub id", "smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct", True),
+    ("Hub id vs a local folder", "Qwen/Qwen2.5-Coder-0.5B-Instruct", "/models/qwen2.5-coder-0.5b-instruct/", True),
+    ("zoo name vs its GGUF file", "smollm2-135m", "/m/SmolLM2-135M-Instruct.Q4_1.gguf", True),
+    ("base vs instruct of one shape", "HuggingFaceTB/SmolLM2-135M", "smollm2-135m", False),
+    ("Qwen2.5 vs Qwen2.5-Coder", "Qwen/Qwen2.5-0.5B-Instruct", "qwen2.5-coder-0.5b", False),
+]
+
+
+@pytest.mark.parametrize("case,stored,actual,same", NAMES, ids=[n[0] for n in NAMES])
+def test_names_of_one_checkpoint_agree_and_of_two_differ(case, stored, actual, same):
+    from emokernels.models.identity import mismatch
+
+    diff = mismatch({"name": stored, "config_hash": "h"}, {"name": actual, "config_hash": "h"})
+    assert diff == ([] if same else [f"name {stored!r} vs {actual!r}"])
+
+
 @pytest.mark.parametrize("kind", ["directions", "circuit"])
 def test_files_without_identity_load_with_a_warning(tmp_path, models, kind):
     model, renamed, _ = models
