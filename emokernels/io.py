@@ -90,6 +90,15 @@ def require_finite(tensors: Mapping[str, torch.Tensor], where, keys: Iterable[st
             raise CorruptArtifactError(f"{where}: tensor {k!r} holds {n} non-finite value(s) (NaN or inf)")
 
 
+def require_keys(tensors: Mapping, meta: Mapping, where, tensor_keys=(), meta_keys=()) -> None:
+    """Raise :class:`CorruptArtifactError` naming ``where`` and every missing tensor / metadata key."""
+    lost_t = [k for k in tensor_keys if k not in tensors]
+    lost_m = [k for k in meta_keys if k not in meta]
+    parts = ([f"tensors {lost_t}"] if lost_t else []) + ([f"metadata keys {lost_m}"] if lost_m else [])
+    if parts:
+        raise CorruptArtifactError(f"{where} lacks " + " and ".join(parts))
+
+
 def _json_default(o):
     if isinstance(o, torch.Tensor):
         return o.tolist()

@@ -270,15 +270,13 @@ class Circuit:
         raises ValueError naming any the file lacks. Missing metadata keys, non-finite Δ or
         strengths, and tensors of emotions the metadata does not list raise CorruptArtifactError
         naming the file."""
-        from ..io import CorruptArtifactError, load_tensors, require_finite
+        from ..io import CorruptArtifactError, load_tensors, require_finite, require_keys
         from ..models.identity import warn_unrecorded
 
         t, meta = load_tensors(path)
         if meta.get("kind") != "emotion_circuit":
             raise CorruptArtifactError(f"{path} is not an emotion-circuit artifact (kind={meta.get('kind')!r})")
-        missing = [k for k in ("emotions", "shape") if k not in meta]
-        if missing:
-            raise CorruptArtifactError(f"{path}: circuit metadata lacks keys {missing}")
+        require_keys(t, meta, path, meta_keys=("emotions", "shape"))
         require_finite(t, path)
         stored = tuple(meta["emotions"])
         tables = {name: {e: {} for e in stored} for name in cls._TABLES}

@@ -221,18 +221,14 @@ class EmotionDirections:
         else the stored order; ``emotions=[...]`` gives that order and raises ValueError naming
         any emotion the file lacks. Non-finite values, missing metadata and per-emotion tensors
         that disagree with the rows named for them raise CorruptArtifactError naming the file."""
-        from ..io import CorruptArtifactError, load_tensors, require_finite
+        from ..io import CorruptArtifactError, load_tensors, require_finite, require_keys
         from ..models.identity import warn_unrecorded
 
         path = _artifact_path(path)
         tensors, meta = load_tensors(path)
         if meta.get("kind") != "emotion_directions":
             raise CorruptArtifactError(f"{path} is not an emotion-directions artifact (kind={meta.get('kind')!r})")
-        missing = [k for k in ("directions", "sigma", "norms") if k not in tensors]
-        missing_meta = [k for k in ("emotions", "points", "num_layers", "hidden_size") if k not in meta]
-        if missing or missing_meta:
-            raise CorruptArtifactError(f"{path} lacks " + "; ".join(
-                x for x in (missing and f"tensors {missing}", missing_meta and f"metadata keys {missing_meta}") if x))
+        require_keys(tensors, meta, path, ("directions", "sigma", "norms"), ("emotions", "points", "num_layers", "hidden_size"))
         require_finite(tensors, path)
         try:
             d = cls(

@@ -9,6 +9,7 @@ from emokernels.control.modulation import compile_to_bias
 from emokernels.control.steering import Steering
 from emokernels.data.labels import EMOTIONS
 from emokernels.discover.circuits import Circuit
+from emokernels.discover.diffs import ComponentDiffs
 from emokernels.discover.directions import EmotionDirections, unit_directions
 from emokernels.io import CorruptArtifactError, load_tensors, save_tensors
 from emokernels.models import Adapter
@@ -202,12 +203,16 @@ FILE_FAULTS = [  # (case, artifact, mutate(path), loader, error type, substrings
     ("NaN in a circuit delta", "c", lambda p: _mutate(p, _nan_at("delta_a.fear.2")), Circuit.load,
      CorruptArtifactError, ["c.safetensors", "'delta_a.fear.2'", "non-finite"]),
     ("circuit metadata lacks keys", "c", lambda p: _mutate(p, meta=lambda m: (m.pop("shape"), m.pop("emotions"))),
-     Circuit.load, CorruptArtifactError, ["c.safetensors", "lacks keys", "'emotions'", "'shape'"]),
+     Circuit.load, CorruptArtifactError, ["c.safetensors", "lacks metadata keys ['emotions', 'shape']"]),
     ("non-finite circuit strength", "c", lambda p: _mutate(p, meta=lambda m: m["strengths"].update(anger=float("inf"))),
      Circuit.load, CorruptArtifactError, ["c.safetensors", "strengths of ['anger']"]),
     ("circuit tensor of an unlisted emotion", "c",
      lambda p: _mutate(p, meta=lambda m: m.update(emotions=["anger", "joy"])), Circuit.load, CorruptArtifactError,
      ["c.safetensors", "'delta_a.fear.2', 'neurons.fear.2'", "listed emotion"]),
+    ("component diffs lack metadata and a tensor", "c",
+     lambda p: save_tensors(p, {"dz": torch.ones(1), "da": torch.ones(1)}, {"kind": "component_diffs"}),
+     ComponentDiffs.load,
+     CorruptArtifactError, ["c.safetensors lacks tensors ['layers'] and metadata keys ['n_groups', 'head_dim']"]),
     ("truncated circuit file", "c", lambda p: p.write_bytes(p.read_bytes()[:100]) and p, Circuit.load,
      CorruptArtifactError, ["c.safetensors", "truncated or corrupt"]),
 ]
