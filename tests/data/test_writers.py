@@ -34,7 +34,28 @@ def _run(out):
     return main(["run", "--model", "tiny-llama", "--out", str(out.parent), "--train-limit", "1"])
 
 
-WRITERS = [("generate", _generate, "gen.jsonl"), ("judge", _judge, "judged.jsonl"), ("run", _run, "state.json")]
+def _components(out):
+    from emokernels.discover.components_cli import discover_components
+    from emokernels.discover.neurons import sev_units
+    from tests.helpers import random_directions, tiny
+
+    model, tok = tiny("llama")
+    v = random_directions(model)
+    return discover_components(model, tok, sev_units(load_split("train", 1)), v, v, progress=False,
+                               checkpoint=out.with_suffix(""))
+
+
+def _capture(out):
+    from emokernels.discover.capture import capture, prompt_units
+    from tests.helpers import tiny
+
+    model, tok = tiny("llama")
+    return capture(model, tok, prompt_units(load_split("train", 1)), progress=False, checkpoint=out.with_suffix(""))
+
+
+WRITERS = [("generate", _generate, "gen.jsonl"), ("judge", _judge, "judged.jsonl"), ("run", _run, "state.json"),
+           ("components checkpoint", _components, "ck.safetensors"), ("directions capture checkpoint", _capture,
+                                                                        "capture_checkpoint.safetensors")]
 
 
 @pytest.mark.parametrize("name,write,file", WRITERS, ids=[w[0] for w in WRITERS])
