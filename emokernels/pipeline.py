@@ -14,11 +14,10 @@ and generation/judging resume row by row):
                 one judge, one precision, one decoding setup; naturalness  compare/
 
 The test split is read only by stage 8. ``report.md`` / ``report.json`` and PNG plots land in
-the output folder.
+the output folder. The command line is in ``pipeline_cli`` (its parser needs no torch).
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import math
@@ -102,8 +101,7 @@ class Run:
         if self._model is None:
             from .models import load
 
-            dtype = torch.bfloat16 if self.a.dtype == "bf16" else torch.float32
-            self._model, self.tok = load(self.a.model, dtype=dtype)
+            self._model, self.tok = load(self.a.model, dtype=self.a.dtype)
         return self._model
 
     def get_judge(self, name: str):
@@ -435,63 +433,3 @@ class Run:
         from .report import write_run_report
 
         write_run_report(self.out, self.state, seconds)
-
-
-def register(subparsers) -> None:
-    from .judge.base import DEFAULT as DEFAULT_JUDGE, JUDGES, SECOND as SECOND_JUDGE
-
-    p = subparsers.add_parser("run", help="the whole workflow on one model, into a report folder",
-                              description=__doc__, formatter_class=RawDefaultsFormatter)
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--out", default=None, help="report folder (default: runs/<model>)")
-    p.add_argument("--train-limit", type=int, default=8, help="train skeletons (x3 valences x6 emotions); 160 = all")
-    p.add_argument("--test-limit", type=int, default=8, help="test skeletons for the comparison; 160 = all")
-    p.add_argument("--select-limit", type=int, default=2, help="train skeletons for the α / strength selection")
-    p.add_argument("--judge", default=DEFAULT_JUDGE, choices=list(JUDGES),
-                   help="the judge of the train replies and the first reading of the comparison")
-    p.add_argument("--select-judge", default=None, choices=list(JUDGES),
-                   help="the judge that picks the strengths on the train split (default: --second-judge, else --judge)")
-    p.add_argument("--second-judge", default=SECOND_JUDGE, choices=list(JUDGES) + ["none"],
-                   help="a different judge: every condition is also reported under it, with the agreement")
-    p.add_argument("--source", default="auto", choices=["auto", "prompt", "text"],
-                   help="directions for steering: paper's prompt readout, emotional text, or auto")
-    p.add_argument("--circuit-source", default="auto", choices=["auto", "prompt", "text"],
-                   help="circuit components from the paper's prompt readout or from emotional text (auto: as --source)")
-    p.add_argument("--preset", default="strong", help="emotion prompt preset: strong | paper | a template with {emotion}")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="auto: bf16 where the CPU has native bf16 matmuls (or on CUDA), else fp32 (recorded resolved)")
-    p.add_argument("--backend", default="fused", choices=["fused", "reference"])
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=40)
-    p.add_argument("--budget", type=int, default=None, help="circuit size K (default: the paper's 560 scaled to the model)")
-    p.add_argument("--texts-per-emotion", type=int, default=5, help="emotional reference texts per emotion (text source)")
-    p.add_argument("--accepted-only", action="store_true", help="directions from judge-accepted rows only (the paper)")
-    p.add_argument("--max-degenerate", type=float, default=0.3, help="selection rejects settings with more degenerate outputs")
-    p.add_argument("--stop-after", default=None, choices=STAGES)
-    p.add_argument("--restart-from", default=None, choices=STAGES,
-                   help="redo this stage and every later one (their outputs are deleted), e.g. after changing a setting")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_main)
-
-
-class RawDefaultsFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
-
-
-def _main(args) -> int:
-    if args.second_judge not in (None, "none") and args.second_judge == args.judge:
-        raise ValueError("--second-judge must differ from --judge (or be 'none')")
-    for k in ("train_limit", "test_limit", "select_limit"):
-        if getattr(args, k) < 1:
-            raise ValueError(f"--{k.replace('_', '-')} must be >= 1")
-    if args.out is None:
-        args.out = str(Path("runs") / args.model.replace("/", "_"))
-    if args.dtype == "auto":
-        from .models.loader import fast_dtype
-
-        args.dtype = "bf16" if fast_dtype() == torch.bfloat16 else "fp32"
-    torch.manual_seed(args.seed)
-    from .io import exclusive_output
-
-    with exclusive_output(Path(args.out) / "state.json", what=f"the run folder {args.out}"):  # one `run` per folder
-        return Run(args).run()

@@ -42,47 +42,24 @@ import torch
 from ..discover.circuits import PAPER_STRENGTHS, Circuit
 from ..models.adapters import Adapter
 from ..patch import Intervention
+from ..patch.rows import emotion_rows, resolve_strength
 
 PAPER_POSITIONS = {"neurons": ("readout", "generated"), "heads": "all"}
 
 
 def _resolve_rows(emotions: Sequence[str], emotion, strength, defaults: Mapping[str, float]):
-    """-> (distinct emotions in first-seen order, rows (int or int64 [B]), strength (float or fp32 [B]))."""
-    if emotion is None:
-        raise ValueError(f"pass emotion= (one of {', '.join(emotions)}, or a list with one name per batch row)")
+    """-> (distinct emotions in first-seen order, rows (int or int64 [B]), strength (float or fp32 [B])).
 
-    def name(x):
-        if isinstance(x, int) and not isinstance(x, bool):
-            if not 0 <= x < len(emotions):
-                raise ValueError(f"emotion index {x} out of range for {emotions}")
-            return emotions[x]
-        if x not in emotions:
-            raise ValueError(f"unknown emotion {x!r}: this circuit has {', '.join(emotions)}")
-        return x
-
-    if isinstance(emotion, (str, int)):
-        e = name(emotion)
-        if strength is None:
-            s = float(defaults.get(e, 1.0))
-        elif isinstance(strength, (int, float)):
-            s = float(strength)
-        else:
-            s = torch.as_tensor(strength, dtype=torch.float32).flatten()
-        return [e], 0, s
-    per_row = [name(x) for x in (emotion.tolist() if isinstance(emotion, torch.Tensor) else emotion)]
-    if not per_row:
-        raise ValueError("emotion= is an empty list")
-    distinct = list(dict.fromkeys(per_row))
-    rows = torch.tensor([distinct.index(e) for e in per_row], dtype=torch.long)
+    ``strength=None`` takes each row's emotion default (``defaults``, else 1.0). Validation is
+    :mod:`emokernels.patch.rows` (unknown names, ids out of range, non-finite strengths)."""
+    distinct, rows = emotion_rows(emotions, emotion, distinct=True, owner="this circuit")
+    per_row = [distinct[r] for r in rows.tolist()] if isinstance(rows, torch.Tensor) else None
+    what = "strength"
     if strength is None:
-        s = torch.tensor([float(defaults.get(e, 1.0)) for e in per_row], dtype=torch.float32)
-    elif isinstance(strength, (int, float)):
-        s = float(strength)
-    else:
-        s = torch.as_tensor(strength, dtype=torch.float32).flatten()
-        if s.numel() != len(per_row):
-            raise ValueError(f"strength has {s.numel()} entries, emotion has {len(per_row)} rows")
-    return distinct, rows, s
+        what = "the circuit's default strength"
+        strength = (float(defaults.get(distinct[0], 1.0)) if per_row is None
+                    else torch.tensor([float(defaults.get(e, 1.0)) for e in per_row], dtype=torch.float32))
+    return distinct, rows, resolve_strength(strength, n=None if per_row is None else len(per_row), what=what)
 
 
 def _positions(positions, kind: str):

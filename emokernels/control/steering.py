@@ -27,10 +27,9 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 from ..data.labels import EMOTIONS
 from ..discover.directions import EmotionDirections, alpha_for_hidden, default_layers
+from ..patch.rows import as_layers, emotion_rows, resolve_strength
 
 PAPER_ALPHA = 8.0
 POINT_SITES = {"mlp": "resid_post", "attn": "resid_mid"}
@@ -41,24 +40,34 @@ def default_alpha(hidden_size: int) -> float:
     return alpha_for_hidden(hidden_size, PAPER_ALPHA, 3072)
 
 
-def parse_layers(spec: str | Sequence[int] | None, num_layers: int) -> list[int]:
-    """``None`` → default window; ``"11-20"`` / ``"3,5,7"`` / a list → sorted unique layers."""
+def parse_layers(spec: str | Sequence[int] | int | None, num_layers: int) -> list[int]:
+    """``None`` → default window; ``"11-20"`` / ``"3,5,7"`` / an int / a list → sorted unique layers.
+
+    Layers are integers in ``[0, num_layers)``: a float (``1.7``), a backwards range (``"9-3"``)
+    or an empty spec is a ValueError / TypeError, never rounded or silently empty."""
     if spec is None:
         return default_layers(num_layers)
     if isinstance(spec, str):
         out = []
-        for part in spec.split(","):
-            part = part.strip()
-            if "-" in part:
-                a, b = part.split("-", 1)
-                out += list(range(int(a), int(b) + 1))
-            elif part:
-                out.append(int(part))
-        spec = out
-    layers = sorted(set(int(l) for l in spec))
+        for part in (p.strip() for p in spec.split(",")):
+            if not part:
+                continue
+            lo, sep, hi = part.partition("-")
+            if not (lo.strip().isdigit() and (not sep or hi.strip().isdigit())):
+                raise ValueError(f"steering layers {spec!r}: {part!r} is not a layer or a range like '3-7'")
+            a, b = int(lo), int(hi) if sep else int(lo)
+            if b < a:
+                raise ValueError(f"steering layers {spec!r}: the range {part!r} runs backwards (write '{b}-{a}')")
+            out += range(a, b + 1)
+        if not out:
+            raise ValueError(f"steering layers {spec!r} name no layer")
+        spec = sorted(set(out))
+    elif hasattr(spec, "__iter__"):  # a list of ints: sorted, duplicates dropped
+        spec = sorted({i for x in spec for i in as_layers(x, "steering layers")})
+    layers = list(as_layers(spec, "steering layers"))
     bad = [l for l in layers if not 0 <= l < num_layers]
-    if bad or not layers:
-        raise ValueError(f"steering layers {bad or layers} invalid for a {num_layers}-layer model")
+    if bad:
+        raise ValueError(f"steering layers {bad} invalid for a {num_layers}-layer model (0..{num_layers - 1})")
     return layers
 
 
@@ -90,22 +99,15 @@ class Steering:
             alpha = PAPER_ALPHA
         elif isinstance(alpha, str):
             raise ValueError(f"alpha must be a number, None or 'paper', got {alpha!r}")
-        self.alpha = float(alpha)
+        self.alpha = resolve_strength(alpha, what="alpha")
+        if not isinstance(self.alpha, float):
+            raise TypeError(f"alpha must be one number (per-row strengths go to patch(..., strength=)), got {alpha!r}")
         self.emotion = emotion
 
     def rows(self, emotion=None):
         """Emotion id(s): an int for one emotion, int64 [B] for per-row emotions."""
-        emotion = self.emotion if emotion is None else emotion
-        if emotion is None:
-            raise ValueError("no emotion given: pass emotion= to Steering or to patch()/to_interventions()")
-        if isinstance(emotion, (str, int)):
-            return self.directions.emotion_index(emotion)
-        if isinstance(emotion, torch.Tensor):
-            ids = emotion.long().flatten()
-            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= len(self.directions.emotions)):
-                raise ValueError(f"emotion ids must lie in 0..{len(self.directions.emotions) - 1}")
-            return ids
-        return torch.tensor([self.directions.emotion_index(e) for e in emotion], dtype=torch.long)
+        return emotion_rows(self.directions.emotions, self.emotion if emotion is None else emotion,
+                            owner="these directions")[1]
 
     def to_interventions(self, model, emotion=None, strength=None) -> list:
         """One ``add_rms`` intervention on all window layers with the [6, d] table per layer."""
@@ -114,11 +116,7 @@ class Steering:
         self.directions.check_model(model)
         p = self.directions.point_index(self.point)
         vectors = {l: self.directions.directions[p, l] for l in self.layers}
-        s = self.alpha if strength is None else strength
-        if isinstance(s, torch.Tensor):
-            s = s.float()
-        elif not isinstance(s, (int, float)):
-            s = torch.as_tensor(s, dtype=torch.float32)
+        s = resolve_strength(self.alpha if strength is None else strength, what="steering strength")
         return [Intervention(site=POINT_SITES[self.point], op="add_rms", layers=self.layers, positions=self.positions,
                              vectors=vectors, rows=self.rows(emotion), strength=s, name=f"steer.{self.point}")]
 

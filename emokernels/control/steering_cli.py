@@ -11,40 +11,66 @@ naturalness).
 """
 from __future__ import annotations
 
-import argparse
 import time
-from pathlib import Path
+
+from .. import options as opt
 
 
 def register(subparsers) -> None:
-    from ..judge.base import DEFAULT as DEFAULT_JUDGE, JUDGES
-
     p = subparsers.add_parser("steer", help="steering baseline: generate with emotion directions added, then judge",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True)
+                              description=__doc__, formatter_class=opt.HelpFormatter)
+    opt.add_model(p)
     p.add_argument("--directions", required=True, help="folder or .safetensors written by `emokernels directions`")
-    p.add_argument("--split", default="test", help="evaluation split (default test)")
-    p.add_argument("--limit", type=int, default=None, help="first N skeletons")
-    p.add_argument("--alpha", default="default", help="a number, 'default' (8*sqrt(d/3072)), 'paper' (8) or 'auto' (train sweep)")
-    p.add_argument("--sweep-alphas", default="0.5,1,2,3", help="auto: multiples of the default α to try")
-    p.add_argument("--sweep-limit", type=int, default=2, help="auto: train skeletons for the sweep")
-    p.add_argument("--max-degenerate", type=float, default=0.5, help="auto: reject α with more degenerate outputs than this")
-    p.add_argument("--layers", default=None, help="e.g. '11-20' (default round(0.39L)..round(0.71L))")
-    p.add_argument("--point", choices=("mlp", "attn"), default="mlp")
-    p.add_argument("--judge", default=DEFAULT_JUDGE, choices=list(JUDGES), help="the judge of the steered replies")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--out", required=True, help="generations JSONL")
+    opt.add_split(p, "test", help="evaluation split: train | test | a SEV JSONL path")
+    opt.add_limit(p, "test")
+    p.add_argument("--alpha", type=opt.arg_type(_alpha), default="default",
+                   help="a number, 'default' (8*sqrt(d/3072)), 'paper' (8) or 'auto' (train sweep)")
+    p.add_argument("--sweep-alphas", type=opt.arg_type(_sweep), default="0.5,1,2,3", help="auto: multiples of the default α to try")
+    p.add_argument("--sweep-limit", type=opt.positive_int, default=2, metavar="N", help="auto: train skeletons for the sweep")
+    p.add_argument("--max-degenerate", type=opt.finite_float, default=0.5,
+                   help="auto: reject α with more degenerate outputs than this")
+    p.add_argument("--layers", type=opt.layers_arg, default=None,
+                   help="0-based layers, 'a-b' or 'a,b,c' (default: round(0.39L)..round(0.71L))")
+    p.add_argument("--point", choices=("mlp", "attn"), default="mlp", help="add after the MLP or after attention")
+    opt.add_judge(p, help="the judge of the steered replies")
+    opt.add_batch_size(p, 8)
+    opt.add_max_new_tokens(p, None, help="tokens per reply (default: the shared decoding setup's 48)")
+    opt.add_dtype(p, "bf16")
+    opt.add_progress(p)
+    opt.add_out(p, "file", help="generations JSONL; beside it <stem>.judged.jsonl, <stem>_report/, <stem>.summary.json")
     p.add_argument("--allow-model-mismatch", action="store_true",
                    help="apply directions estimated on another model (name or config differs) anyway")
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
-    import torch
+def _alpha(text: str):
+    """'auto' | 'default' | 'paper' | a finite number."""
+    import math
 
+    if text in ("auto", "default", "paper"):
+        return text
+    try:
+        a = float(text)
+    except ValueError:
+        raise ValueError(f"--alpha must be a number, 'default', 'paper' or 'auto', got {text!r}") from None
+    if not math.isfinite(a):
+        raise ValueError(f"--alpha must be a finite number, got {text!r}")
+    return a
+
+
+def _sweep(text: str) -> list[float]:
+    import math
+
+    try:
+        mults = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--sweep-alphas must be comma-separated numbers, got {text!r}") from None
+    if not mults or not all(math.isfinite(m) for m in mults):
+        raise ValueError(f"--sweep-alphas must be one or more finite numbers, got {text!r}")
+    return mults
+
+
+def run(args) -> int:
     from ..data.sev import iter_units, load_split
     from ..discover.directions import EmotionDirections
     from ..evaluate.naturalness import degenerate
@@ -52,36 +78,39 @@ def run(args) -> int:
     from ..judge.base import get_judge
     from ..judge.cli import judge_rows
     from ..judge.report import write_report
-    from ..models.loader import load
-    from .steering import Steering, alpha_sweep, default_alpha, steer_generate
+    from ..models.loader import load, model_source
+    from .steering import Steering, alpha_sweep, default_alpha, parse_layers, steer_generate
 
+    model_source(args.model)
+    out = opt.check_out_file(args.out)
+    opt.check_artifact(args.directions, "--directions", "directions", "emokernels directions")
+    opt.check_limit(args.split, args.limit)
+    alpha_spec = args.alpha
+    mults = args.sweep_alphas if alpha_spec == "auto" else None
+    units = list(iter_units(load_split(args.split, args.limit)))
+    train_units = list(iter_units(load_split("train", args.sweep_limit))) if mults else None
+    # read once without the model, so a layer outside it fails before the model loads
+    parse_layers(args.layers, EmotionDirections.load(args.directions).num_layers)
     t0 = time.time()
-    out = Path(args.out)
-    model, tok = load(args.model, dtype=getattr(torch, args.dtype))
+    model, tok = load(args.model, dtype=args.dtype)
     dirs = EmotionDirections.load(args.directions, model=model,
                                   allow_model_mismatch=getattr(args, "allow_model_mismatch", False))
     judge = get_judge(args.judge)
     base = default_alpha(dirs.hidden_size)
     sweep = None
-    if args.alpha == "auto":
-        mults = [float(x) for x in args.sweep_alphas.split(",") if x.strip()]
-        train_units = list(iter_units(load_split("train", args.sweep_limit)))
+    if alpha_spec == "auto":
         sweep = alpha_sweep(model, tok, dirs, train_units, [m * base for m in mults], judge, layers=args.layers,
                             point=args.point, max_degenerate=args.max_degenerate,
                             out_dir=out.with_name(out.stem + "_sweep"), batch_size=args.batch_size,
                             max_new_tokens=args.max_new_tokens, progress=not args.no_progress, model_name=args.model)
         alpha = sweep["alpha"]
-    elif args.alpha == "default":
+    elif alpha_spec == "default":
         alpha = base
-    elif args.alpha == "paper":
+    elif alpha_spec == "paper":
         alpha = 8.0
     else:
-        try:
-            alpha = float(args.alpha)
-        except ValueError:
-            raise ValueError(f"--alpha must be a number, 'default', 'paper' or 'auto', got {args.alpha!r}") from None
+        alpha = alpha_spec
     st = Steering(dirs, alpha=alpha, layers=args.layers, point=args.point)
-    units = list(iter_units(load_split(args.split, args.limit)))
     rows = steer_generate(model, tok, st, units, out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                           progress=not args.no_progress, model_name=args.model,
                           extra={"directions": str(args.directions), "split": str(args.split)})
@@ -94,8 +123,9 @@ def run(args) -> int:
                    limit=args.limit, n=n, alpha=alpha, default_alpha=base, steering=st.describe(), judge=judge.describe(),
                    accuracy=rep["accuracy"], degenerate_rate=degen / max(1, n), sweep=sweep,
                    seconds=round(time.time() - t0, 1))
-    write_json(out.with_name(out.stem + ".summary.json"), summary)
+    summary_path = write_json(out.with_name(out.stem + ".summary.json"), summary)
     o = rep["accuracy"]["overall"]
     print(f"steer: α={alpha:.3g} layers {st.layers[0]}-{st.layers[-1]} ({st.point}); {args.judge} accuracy "
-          f"{o['hits']}/{o['n']}, degenerate {degen}/{n}; {judged_path} ({time.time() - t0:.1f}s)")
+          f"{o['hits']}/{o['n']}, degenerate {degen}/{n}; judged rows {judged_path} ({time.time() - t0:.1f}s)")
+    opt.wrote(out, f"{len(rows)} rows; summary {summary_path}")
     return 0

@@ -24,7 +24,6 @@ second ``generate`` on the same ``--out`` stops with an error naming the file an
 """
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from contextlib import nullcontext
@@ -63,6 +62,10 @@ def decoding_settings(decoding: dict | None = None, max_new_tokens: int | None =
         out.update(decoding)
     if max_new_tokens is not None:
         out["max_new_tokens"] = max_new_tokens
+        if not (decoding and "min_new_tokens" in decoding):
+            # The default floor of 4 tokens must not turn a short --max-new-tokens into an error
+            # about min_new_tokens, which the user never set (and no flag sets).
+            out["min_new_tokens"] = min(int(out["min_new_tokens"]), int(max_new_tokens))
     if out["do_sample"] or out["num_beams"] != 1:
         raise ValueError("generation here is greedy (do_sample=False, num_beams=1) so runs are deterministic and resumable")
     if int(out["max_new_tokens"]) < 1:
@@ -235,66 +238,3 @@ def _generate_locked(model, tok, units, out_path, emotion_mode, prompt, batch_si
     finally:
         bar.close()
     return [done[u[3]] for u in units]
-
-
-# -- command line -----------------------------------------------------------------------------
-
-_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-
-
-def _csv(s: str | None) -> list[str] | None:
-    return None if s is None else [x.strip() for x in s.split(",") if x.strip()]
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("generate", help="emotion-elicited generation (stage 01), resumable JSONL",
-                              description="Generate one reply per (skeleton, valence, emotion) of a SEV split.")
-    p.add_argument("--model", required=True, help="zoo name (smollm2-135m, qwen2.5-coder-0.5b, ...), tiny-<family> or a local path")
-    p.add_argument("--split", default="train", help="train | test | path to a SEV JSONL file")
-    p.add_argument("--emotions", default=None, help="comma list (default: all six)")
-    p.add_argument("--valences", default=None, help="comma list (default: positive,neutral,negative)")
-    p.add_argument("--limit", type=int, default=None, help="first N skeletons only")
-    p.add_argument("--out", required=True, help="output JSONL (appended to; resumable)")
-    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="skip keys already in --out (default) or start over")
-    p.add_argument("--mode", choices=EMOTION_MODES, default="prompt", help="emotion system prompt (default) or neutral prompt")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help=f"default {DEFAULT_DECODING['max_new_tokens']} ({PAPER_STAGE01_DECODING['max_new_tokens']} with --paper-decoding)")
-    p.add_argument("--paper-decoding", action="store_true", help="the paper's stage-01 decoding (no penalties, 100 tokens) instead of the shared default")
-    p.add_argument("--preset", default="strong", help="system-prompt preset: strong | paper | a template with {emotion}")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_main)
-
-
-def _main(args) -> int:
-    from .labels import EMOTIONS, VALENCES, check_emotions, check_valences
-    from .sev import iter_units, load_split
-
-    emotions = check_emotions(_csv(args.emotions) or EMOTIONS)
-    valences = check_valences(_csv(args.valences) or VALENCES)
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {args.limit}")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    prompt = PromptConfig(preset=args.preset)
-    prompt.system("anger")  # validates the preset before the model loads
-    decoding = decoding_settings(PAPER_STAGE01_DECODING if args.paper_decoding else None, args.max_new_tokens)
-    skeletons = load_split(args.split, args.limit)
-    units = list(iter_units(skeletons, emotions, valences))
-
-    from ..models.loader import load
-
-    t0 = time.perf_counter()
-    model, tok = load(args.model, dtype=_DTYPES[args.dtype])
-    t_load = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    rows = generate_rows(model, tok, units, args.out, emotion_mode=args.mode, prompt=prompt, batch_size=args.batch_size,
-                         decoding=decoding, resume=args.resume, progress=not args.no_progress, model_name=args.model,
-                         extra={"split": str(args.split), "dtype": args.dtype})
-    dt = time.perf_counter() - t0
-    print(f"{len(rows)} rows in {args.out} (model load {t_load:.1f} s, generation {dt:.1f} s)")
-    return 0

@@ -406,7 +406,7 @@ def capture(model, tokenizer, units: Sequence[CaptureUnit], *, prompt_config: Pr
             batch_size: int = 16, paper_final_norm: bool = False, accumulate: bool = True,
             keep_states: bool | Sequence[int] = False, states_dtype: torch.dtype = torch.float32,
             checkpoint: str | Path | None = None, checkpoint_every: int = 20, progress: bool = True,
-            backend: str = "reference") -> CaptureResult:
+            backend: str = "reference", distributed: bool = False) -> CaptureResult:
     """Run ``units`` through ``model`` and stream their states into a :class:`GroupAccumulator`.
 
     Units are all prompt units (``reply is None``: state at t*) or all text units (mean over
@@ -419,11 +419,22 @@ def capture(model, tokenizer, units: Sequence[CaptureUnit], *, prompt_config: Pr
     the linear probe, as ``states_dtype``; that part is O(N · P · layers · d).
     ``checkpoint``: a path prefix; the accumulator (and kept states) are saved atomically every
     ``checkpoint_every`` batches and a rerun with the same inputs resumes from it.
+    ``distributed``: under an initialised ``torch.distributed`` group, shard the context groups
+    over the ranks and all-reduce the accumulator (:func:`.distributed.capture_sharded`); every
+    rank passes the same units and gets the single-process result (up to fp64 summation order).
     """
     import contextlib
 
     from ..io import exclusive_output, load_tensors, save_tensors
     from ..patch import Intervention, patch
+
+    if distributed:
+        from .distributed import capture_sharded
+
+        return capture_sharded(model, tokenizer, units, prompt_config=prompt_config, batch_size=batch_size,
+                               paper_final_norm=paper_final_norm, accumulate=accumulate, keep_states=keep_states,
+                               states_dtype=states_dtype, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+                               progress=progress, backend=backend)
 
     if not units:
         raise ValueError("no units to capture (empty split, or no accepted rows)")

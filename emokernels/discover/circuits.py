@@ -200,13 +200,9 @@ class Circuit:
         return any(v.numel() for e in self.emotions for d in (self.ablate_neurons[e], self.ablate_heads[e]) for v in d.values())
 
     def _check_emotion(self, emotion) -> str:
-        if isinstance(emotion, int):
-            if not 0 <= emotion < len(self.emotions):
-                raise ValueError(f"emotion index {emotion} out of range for circuit emotions {self.emotions}")
-            return self.emotions[emotion]
-        if emotion not in self.emotions:
-            raise ValueError(f"emotion {emotion!r} is not in this circuit; it has {', '.join(self.emotions)}")
-        return emotion
+        from ..patch.rows import emotion_index
+
+        return self.emotions[emotion_index(self.emotions, emotion, owner="this circuit")]
 
     def check_model(self, model, allow_model_mismatch: bool | None = None) -> None:
         """Raise ValueError naming every shape field where ``model`` differs from the circuit's model,

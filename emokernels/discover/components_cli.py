@@ -25,7 +25,11 @@ import json
 import time
 from pathlib import Path
 
-DTYPES = ("float32", "bfloat16", "float16")
+from .. import options as opt
+
+
+# The checkpoint fingerprint keeps the dtype names it was written with before the short spellings.
+_FINGERPRINT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def _ints(text: str) -> list[int]:
@@ -35,43 +39,33 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def _layer_range(text: str) -> list[int]:
-    """'a-b' (inclusive) or 'a,b,c'."""
-    try:
-        if "-" in text:
-            lo, hi = (int(x) for x in text.split("-"))
-            return list(range(lo, hi + 1))
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected layers as 'a-b' or 'a,b,c', got {text!r}") from None
-
-
 def register(subparsers) -> None:
     p = subparsers.add_parser("components", help="rank emotion neurons and heads, difference vectors, validation",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="zoo name, tiny-<family> or a path")
+                              description=__doc__, formatter_class=opt.HelpFormatter)
+    opt.add_model(p)
     p.add_argument("--directions", required=True, help="directions artifact (folder or .safetensors) from `emokernels directions`")
-    p.add_argument("--split", default="train", help="discovery split: 'train' or a SEV JSONL path (never 'test')")
-    p.add_argument("--limit", type=int, default=None, help="first N skeletons (N x 3 contexts x 6 emotions prompts)")
+    opt.add_split(p, "train", help="discovery split: 'train' or a SEV JSONL path (never 'test')")
+    opt.add_limit(p, "train", help="first N skeletons (N x 3 contexts x 6 emotions prompts)")
     p.add_argument("--accepted", default=None, help="judged JSONL: keep only accepted units (the paper's filter)")
     p.add_argument("--preset", default="strong", help="emotion prompt preset: strong | paper | template with {emotion}")
     p.add_argument("--reading", choices=("residual", "normed"), default="residual",
                    help="head score read on m (residual, default) or on the MLP input RMSNorm(m) (normed, the paper)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32")
-    p.add_argument("--batch-size", type=int, default=6, help="prompts per forward (6 = one context)")
-    p.add_argument("--checkpoint-every", type=int, default=20, help="batches between checkpoints")
-    p.add_argument("--top", type=int, default=5, help="top heads / neurons per emotion in summary.json")
-    p.add_argument("--no-plots", action="store_true")
+    opt.add_dtype(p, "fp32")
+    opt.add_batch_size(p, 6, help="prompts per forward (6 = one context)")
+    p.add_argument("--checkpoint-every", type=opt.positive_int, default=20, metavar="N", help="batches between checkpoints")
+    p.add_argument("--top", type=opt.positive_int, default=5, metavar="N", help="top heads / neurons per emotion in summary.json")
+    p.add_argument("--no-plots", action="store_true", help="no PNG plots")
     p.add_argument("--validate", action="store_true", help="run ablation / enhancement validation afterwards")
     p.add_argument("--val-split", default="test", help="evaluation split for --validate (held out from discovery)")
-    p.add_argument("--val-limit", type=int, default=2, help="skeletons of the evaluation split")
-    p.add_argument("--ks-neurons", type=_ints, default=[1, 4, 16, 64])
-    p.add_argument("--ks-heads", type=_ints, default=[1, 2, 4, 8])
-    p.add_argument("--n-random", type=int, default=5, help="random draws per k")
-    p.add_argument("--val-layers", type=_layer_range, default=None, help="layers to pick components from ('a-b')")
-    p.add_argument("--enhance-scale", type=float, default=1.0, help="s in the additive enhancement s·Δ")
-    p.add_argument("--judge", default=None, help="also judge generations with this judge (a name of emokernels.judge.JUDGES); slow")
-    p.add_argument("--out", required=True, help="output folder")
+    opt.add_limit(p, "test", flag="--val-limit", default=2, help="skeletons of the evaluation split")
+    p.add_argument("--ks-neurons", type=_ints, default=[1, 4, 16, 64], help="numbers of top neurons to ablate / enhance")
+    p.add_argument("--ks-heads", type=_ints, default=[1, 2, 4, 8], help="numbers of top heads to ablate / enhance")
+    p.add_argument("--n-random", type=opt.positive_int, default=5, metavar="N", help="random draws per k")
+    p.add_argument("--val-layers", type=opt.layers_arg, default=None,
+                   help="0-based layers to pick components from, 'a-b' or 'a,b,c' (default: all)")
+    p.add_argument("--enhance-scale", type=opt.finite_float, default=1.0, help="s in the additive enhancement s·Δ")
+    opt.add_judge(p, default=None, help="also judge generations with this judge; slow (default: none)")
+    opt.add_out(p, "dir")
     p.add_argument("--allow-model-mismatch", action="store_true",
                    help="apply directions estimated on another model (name or config differs) anyway")
     p.set_defaults(func=run)
@@ -79,7 +73,7 @@ def register(subparsers) -> None:
 
 def _fingerprint(args, units, dirs_hash: str, model_desc: dict) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([str(args.model), args.dtype, args.preset, args.reading, args.batch_size, dirs_hash, model_desc],
+    h.update(json.dumps([str(args.model), _FINGERPRINT_DTYPES.get(args.dtype, args.dtype), args.preset, args.reading, args.batch_size, dirs_hash, model_desc],
                         sort_keys=True).encode())
     for u in units:
         h.update(u.key.encode())
@@ -241,14 +235,12 @@ def summarise(neurons, heads, diffs, top: int = 5) -> dict:
 # command
 # ---------------------------------------------------------------------------------------------
 def run(args) -> int:
-    import torch
-
     from ..data.prompts import PromptConfig
     from ..data.sev import dataset_hash, load_split
     from ..io import write_json
     from ..models.adapters import Adapter
-    from ..models.loader import load
     from ..models.identity import model_identity
+    from ..models.loader import load, model_source
     from .capture import load_accepted_keys
     from .directions import EmotionDirections
     from .neurons import direction_tensors, sev_units
@@ -256,16 +248,22 @@ def run(args) -> int:
     if args.split == "test":
         raise ValueError("components are discovered on the train split only; the test split stays held out "
                          "(--validate evaluates on --val-split)")
-    if args.batch_size < 1 or args.checkpoint_every < 1:
-        raise ValueError("--batch-size and --checkpoint-every must be >= 1")
     if args.validate and str(args.val_split) == str(args.split):
         raise ValueError(f"--val-split {args.val_split!r} equals the discovery split; validate on held-out data")
-    out = Path(args.out)
+    model_source(args.model)
+    out = opt.check_out_dir(args.out)
+    opt.check_artifact(args.directions, "--directions", "directions", "emokernels directions")
+    opt.check_limit(args.split, args.limit)
+    if args.validate:
+        opt.check_limit(args.val_split, args.val_limit, "--val-limit")
+    if args.accepted:
+        opt.check_in_file(args.accepted, "--accepted")
+    args.dtype = opt.resolved_dtype_name(args.dtype)
     out.mkdir(parents=True, exist_ok=True)
     config = PromptConfig(preset=args.preset)
     config.system("anger")  # validates the preset early
     t0 = time.time()
-    model, tok = load(args.model, dtype=getattr(torch, args.dtype))
+    model, tok = load(args.model, dtype=args.dtype)
     a = Adapter.of(model)
     dirs = EmotionDirections.load(args.directions, model=model,
                                   allow_model_mismatch=getattr(args, "allow_model_mismatch", False))
@@ -328,5 +326,6 @@ def run(args) -> int:
                   f"{r['random_mean']:+.4f}  d(median)={r['cohens_d_median']:+.2f}  top beats random in {r['top_beats_random']}/"
                   f"{r['n_emotions']}")
     summary["seconds_total"] = round(time.time() - t0, 1)
-    write_json(out / "summary.json", summary)
+    summary_path = write_json(out / "summary.json", summary)
+    opt.wrote(out, f"neurons, heads, diffs{', validation' if args.validate else ''}; summary {summary_path}")
     return 0

@@ -128,13 +128,9 @@ class EmotionDirections:
         return self.points.index(point)
 
     def emotion_index(self, emotion: str | int) -> int:
-        if isinstance(emotion, int):
-            if not 0 <= emotion < len(self.emotions):
-                raise ValueError(f"emotion id {emotion} out of range 0..{len(self.emotions) - 1}")
-            return emotion
-        if emotion not in self.emotions:
-            raise ValueError(f"unknown emotion {emotion!r}: use one of {self.emotions}")
-        return self.emotions.index(emotion)
+        from ..patch.rows import emotion_index
+
+        return emotion_index(self.emotions, emotion, owner="these directions")
 
     def _layer(self, layer: int) -> int:
         if not 0 <= layer < self.num_layers:
@@ -381,8 +377,13 @@ def from_accumulator(acc, *, model: str = "", source: str = "prompt", normalisat
 
 def estimate(model, tokenizer, units, *, source: str | None = None, model_name: str = "", prompt_config=None,
              paper_final_norm: bool = False, dataset_hash: str = "", batch_size: int = 16,
-             keep_states: bool | Sequence[int] = False, checkpoint=None, progress: bool = True):
-    """Capture ``units`` and estimate directions. Returns ``(EmotionDirections, CaptureResult)``."""
+             keep_states: bool | Sequence[int] = False, checkpoint=None, progress: bool = True,
+             distributed: bool = False):
+    """Capture ``units`` and estimate directions. Returns ``(EmotionDirections, CaptureResult)``.
+
+    ``distributed``: shard the capture over the ranks of the initialised ``torch.distributed``
+    group (see :mod:`.distributed`); every rank returns the same directions.
+    """
     from ..data.prompts import PromptConfig
     from ..models.adapters import Adapter
     from ..models.identity import model_identity
@@ -390,7 +391,8 @@ def estimate(model, tokenizer, units, *, source: str | None = None, model_name: 
 
     config = prompt_config or PromptConfig()
     res = capture(model, tokenizer, units, prompt_config=config, batch_size=batch_size,
-                  paper_final_norm=paper_final_norm, keep_states=keep_states, checkpoint=checkpoint, progress=progress)
+                  paper_final_norm=paper_final_norm, keep_states=keep_states, checkpoint=checkpoint, progress=progress,
+                  distributed=distributed)
     src = source or res.mode
     if src != res.mode:
         raise ValueError(f"source {src!r} but the units are {res.mode} units")

@@ -9,20 +9,19 @@ split (``--probe-split``) is used solely to *evaluate* the probe and the directi
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
-DTYPES = ("float32", "bfloat16", "float16")
+from .. import options as opt
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("directions", help="estimate context-agnostic emotion directions and check them",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="zoo name (smollm2-135m, qwen2.5-coder-0.5b, ...), tiny-<family> or a path")
-    p.add_argument("--split", default="train", help="discovery split: 'train' or a SEV JSONL path (never 'test')")
-    p.add_argument("--limit", type=int, default=None, help="N skeletons of the split (N x 3 contexts)")
+                              description=__doc__, formatter_class=opt.HelpFormatter)
+    opt.add_model(p)
+    opt.add_split(p, "train", help="discovery split: 'train' or a SEV JSONL path (never 'test')")
+    opt.add_limit(p, "train", help="N skeletons of the split (N x 3 contexts)")
     p.add_argument("--select", choices=("first", "balanced"), default="first",
                    help="with --limit: the first N skeletons in file order, or N taken round-robin over themes "
                         "(balanced: leave-one-theme-out needs at least two themes)")
@@ -32,19 +31,20 @@ def register(subparsers) -> None:
                    help="judged JSONL: prompt source keeps only accepted units; text source uses their reply texts")
     p.add_argument("--texts", default=None,
                    help="text source: JSONL of {emotion|label, text} reference replies (default: packaged judge references)")
-    p.add_argument("--texts-per-emotion", type=int, default=5,
+    p.add_argument("--texts-per-emotion", type=opt.nonnegative_int, default=5,
                    help="text source with reference replies: the first K replies of each emotion (0 = all)")
     p.add_argument("--preset", default="strong", help="emotion prompt preset: strong | paper | a template with {emotion}")
     p.add_argument("--paper-final-norm", action="store_true",
                    help="read the last layer's mlp point after the final RMSNorm, like the paper (METHOD §11.1)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32")
-    p.add_argument("--batch-size", type=int, default=16)
+    opt.add_dtype(p, "fp32")
+    opt.add_batch_size(p, 16)
     p.add_argument("--probe-split", default="test", help="held-out split for the probe ('none' to skip)")
-    p.add_argument("--probe-limit", type=int, default=4, help="skeletons of the held-out split for the probe (picked like --select)")
-    p.add_argument("--probe-steps", type=int, default=300)
-    p.add_argument("--no-plots", action="store_true")
+    opt.add_limit(p, "test", flag="--probe-limit", default=4,
+                  help="skeletons of the held-out split for the probe (picked like --select)")
+    p.add_argument("--probe-steps", type=opt.positive_int, default=300, help="training steps of the linear probe")
+    p.add_argument("--no-plots", action="store_true", help="no PNG plots")
     p.add_argument("--per-emotion-plots", action="store_true", help="also one cross-layer heatmap PNG per emotion")
-    p.add_argument("--out", required=True, help="output folder")
+    opt.add_out(p, "dir")
     p.set_defaults(func=run)
 
 
@@ -96,29 +96,38 @@ def _auto_probe_layers(n_units: int, num_layers: int, d: int, budget_bytes: int 
 
 
 def run(args) -> int:
-    import torch
-
     from ..data.prompts import PromptConfig
-    from ..data.sev import dataset_hash, load_split
+    from ..data.sev import dataset_hash
     from ..io import read_jsonl
     from ..models.adapters import Adapter
-    from ..models.loader import load
+    from ..models.loader import load, model_source
     from . import capture as cap
     from .consistency import (nearest_direction_accuracy, plot_consistency, plot_cross_layer, stability_report,
                               train_probe, write_report)
     from .directions import estimate
+    from .distributed import init_from_env, rank_world
+
+    distributed = init_from_env()  # under torchrun: the capture is sharded over the ranks
 
     if args.split == "test":
         raise ValueError("directions are discovered on the train split only; the test split stays held out "
                          "(it is used by --probe-split for evaluation)")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    model_source(args.model)
+    out = opt.check_out_dir(args.out)
+    opt.check_limit(args.split, args.limit)
+    probe = args.probe_split.lower() != "none"
+    if probe:
+        opt.check_limit(args.probe_split, args.probe_limit, "--probe-limit")
+    for flag, f in (("--accepted", args.accepted), ("--texts", args.texts)):
+        if f:
+            opt.check_in_file(f, flag)
     config = PromptConfig(preset=args.preset)
     config.system("anger")  # validates the preset early
-    t0 = time.time()
-    model, tok = load(args.model, dtype=getattr(torch, args.dtype))
-    a = Adapter.of(model)
     skeletons = select_skeletons(args.split, args.limit, args.select)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    model, tok = load(args.model, dtype=args.dtype)
+    a = Adapter.of(model)
     dhash = dataset_hash(skeletons)
 
     if args.source == "prompt":
@@ -137,14 +146,17 @@ def run(args) -> int:
     if not units:
         raise ValueError("no units to capture: the split is empty or no judged row was accepted")
 
-    probe = args.probe_split.lower() != "none"
     prompt_train = cap.prompt_units(skeletons) if probe else []
     probe_layers = _auto_probe_layers(len(prompt_train), a.num_layers, a.hidden_size) if probe else []
     keep = probe_layers if (probe and args.source == "prompt" and not args.accepted) else False
     dirs, res = estimate(model, tok, units, source=args.source, model_name=str(args.model), prompt_config=config,
                          paper_final_norm=args.paper_final_norm, dataset_hash=dhash, batch_size=args.batch_size,
-                         keep_states=keep, checkpoint=out / "capture_checkpoint")
-    dirs.extra.update(split=str(args.split), limit=args.limit, select=args.select, accepted=args.accepted, dtype=args.dtype)
+                         keep_states=keep, checkpoint=out / "capture_checkpoint", distributed=distributed)
+    rank, world = rank_world()
+    if rank != 0:
+        return 0  # every rank holds the merged result; rank 0 writes it, the probe and the report
+    dirs.extra.update(split=str(args.split), limit=args.limit, select=args.select, accepted=args.accepted,
+                      dtype=opt.resolved_dtype_name(args.dtype), processes=world)
     path = dirs.save(out)
     print(f"directions: {path} ({dirs.n_groups} contexts, {len(res.keys)} units, {time.time() - t0:.1f}s)")
 
@@ -179,4 +191,5 @@ def run(args) -> int:
             f.unlink()  # the run finished: the artifact replaces the checkpoint
     top = ", ".join(str(r["layer"]) for r in rep["ranking_mlp"][:5])
     print(f"report: {md} (most stable mlp layers: {top}); {time.time() - t0:.1f}s total", file=sys.stderr)
+    opt.wrote(path, f"directions [2 points, {dirs.num_layers} layers, 6 emotions, d={dirs.hidden_size}]; report {md}")
     return 0

@@ -17,8 +17,11 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from ..io import append_jsonl, check_unique_keys, exclusive_output, read_jsonl
-from .base import DEFAULT, JUDGES, Judge, JudgeUnavailableError, get_judge
+from .. import options as opt
+from .base import JUDGES, Judge, JudgeUnavailableError, get_judge
+
+# probe.TRAINABLE's names (probe imports torch; tests check the two agree) and the calibrated LLM judge
+TRAINABLE_NAMES = ("minilm-probe", "qwen0.5b-probe", "qwen1.5b-probe", "llm-yesno")
 
 
 def _failed(row: dict) -> bool:
@@ -35,6 +38,8 @@ def judge_rows(rows: Sequence[dict], judge: Judge, out_path, *, second: Judge | 
     ``out_path`` has one writer at a time (:class:`~emokernels.io.OutputLockedError` otherwise);
     duplicated keys in the generations or in ``out_path`` raise
     :class:`~emokernels.io.DuplicateKeyError` naming the keys and the repair."""
+    from ..io import check_unique_keys, exclusive_output
+
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     rows = list(rows)
@@ -50,6 +55,7 @@ def judge_rows(rows: Sequence[dict], judge: Judge, out_path, *, second: Judge | 
 
 def _judge_locked(rows, judge, out_path, second, batch_size, resume, progress):
     from ..data.generate import truncate_torn_tail
+    from ..io import append_jsonl, read_jsonl
 
     keys = [r["key"] for r in rows]
     if not resume and out_path.exists():
@@ -103,33 +109,35 @@ def _judge_locked(rows, judge, out_path, second, batch_size, resume, progress):
 
 
 def register(subparsers) -> None:
-    from .probe import TRAINABLE
-
     p = subparsers.add_parser("judge", help="judge generations and write accuracy tables; evaluate or train judges",
-                              description="Label each generated reply with an emotion judge; resumable by key. Judges: "
-                              + "; ".join(f"{k}: {v}" for k, v in JUDGES.items()),
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--in", dest="inp", default=None, help="generations JSONL (from `emokernels generate`)")
-    p.add_argument("--judge", default=DEFAULT, choices=list(JUDGES))
-    p.add_argument("--second-judge", default=None, choices=list(JUDGES), help="a second judge, for agreement")
-    p.add_argument("--evaluate", action="store_true",
-                   help="instead of --in: print the judge's quality on the judge corpus test split (and the reference set)")
-    p.add_argument("--train", default=None, choices=list(TRAINABLE) + ["llm-yesno"],
-                   help="instead of --in: train this probe judge on the corpus train split, calibrate on dev, "
-                        "and write it to --out (default: the packaged weights)")
-    p.add_argument("--out", default=None, help="judged JSONL (appended to; resumable)")
-    p.add_argument("--reference", action="store_true",
-                   help="instead of --in/--out: score the judge(s) on the hand-labelled reference set and print JSON")
+                              description=__doc__ + "\nJudges:\n" + "\n".join(f"  {k}: {v}" for k, v in JUDGES.items()),
+                              formatter_class=opt.HelpFormatter)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--in", dest="inp", default=None, help="generations JSONL (from `emokernels generate`); needs --out")
+    mode.add_argument("--evaluate", action="store_true",
+                      help="instead of --in: print the judge's quality on the judge corpus test split (and the reference set)")
+    mode.add_argument("--train", default=None, choices=TRAINABLE_NAMES,
+                      help="instead of --in: train this probe judge on the corpus train split, calibrate on dev, "
+                           "and write it to --out (default: the packaged weights)")
+    mode.add_argument("--reference", action="store_true",
+                      help="instead of --in: score the judge(s) on the hand-labelled reference set and print JSON "
+                           "(also written to --out if given)")
+    opt.add_judge(p)
+    opt.add_judge(p, "--second-judge", default=None, help="a second, different judge, for agreement")
+    opt.add_out(p, "file", required=False, help="with --in: judged JSONL (appended to; resumable); "
+                                                "with --evaluate/--reference: results JSON; with --train: weights")
     p.add_argument("--report-dir", default=None, help="report folder (default: <out stem>_report beside --out)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True, help="skip keys already in --out (default) or start over")
-    p.add_argument("--no-progress", action="store_true")
+    opt.add_batch_size(p, 16, help="replies per judge call")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True, help="skip keys already in --out, or start over")
+    opt.add_progress(p)
     p.set_defaults(func=_main)
 
 
 def _main(args) -> int:
-    from .report import write_report
-
+    if args.second_judge == args.judge:
+        raise ValueError("--second-judge must differ from --judge")
+    if args.out:
+        opt.check_out_file(args.out)
     if args.reference:
         return _reference(args)
     if args.evaluate:
@@ -137,12 +145,17 @@ def _main(args) -> int:
     if args.train:
         return _train(args)
     if not args.inp or not args.out:
-        raise ValueError("--in and --out are required (or use --reference)")
+        raise ValueError("--in and --out are required (or use --evaluate, --train or --reference)")
+    from ..io import read_jsonl
+    from .report import write_report
+
     inp = Path(args.inp)
     if not inp.is_file():
         raise FileNotFoundError(f"no generations file at {inp}")
-    if args.second_judge == args.judge:
-        raise ValueError("--second-judge must differ from --judge")
+    out = Path(args.out)
+    if out.resolve() == inp.resolve():
+        raise ValueError(f"--out {out} is the --in file; judged rows go to another file")
+    report_dir = opt.check_out_dir(args.report_dir, "--report-dir") if args.report_dir else out.with_name(out.stem + "_report")
     rows = read_jsonl(inp, unique_key="key")
     if not rows:
         raise ValueError(f"{inp} holds no rows")
@@ -151,18 +164,17 @@ def _main(args) -> int:
     second = get_judge(args.second_judge) if args.second_judge else None
     t_load = time.perf_counter() - t0
     t0 = time.perf_counter()
-    judged = judge_rows(rows, judge, args.out, second=second, batch_size=args.batch_size, resume=args.resume,
+    judged = judge_rows(rows, judge, out, second=second, batch_size=args.batch_size, resume=args.resume,
                         progress=not args.no_progress)
     t_judge = time.perf_counter() - t0
-    out = Path(args.out)
-    report_dir = Path(args.report_dir) if args.report_dir else out.with_name(out.stem + "_report")
     rep = write_report(judged, report_dir)
     o = rep["accuracy"]["overall"]
-    msg = f"{len(judged)} rows judged -> {out}; accuracy {o['hits']}/{o['n']}"
+    msg = f"accuracy {o['hits']}/{o['n']}"
     if "agreement" in rep:
         a = rep["agreement"]["label"]
         msg += f"; label agreement {a['rate']:.3f} (kappa {a['kappa']:.3f})"
     print(msg + f"; report in {report_dir} (judge load {t_load:.1f} s, judging {t_judge:.1f} s)")
+    opt.wrote(out, f"{len(judged)} rows")
     return 0
 
 
@@ -176,12 +188,12 @@ def _reference(args) -> int:
         res = evaluate_on_reference(get_judge(name), batch_size=args.batch_size)
         res.pop("errors")
         results[name] = res
-    text = json.dumps(results, indent=1)
+    print(json.dumps(results, indent=1))
     if args.out:
         from ..io import write_json
 
         write_json(args.out, results)
-    print(text)
+        opt.wrote(args.out, f"reference-set scores of {', '.join(results)}")
     return 0
 
 
@@ -207,7 +219,7 @@ def _evaluate(args) -> int:
         from ..io import write_json
 
         write_json(args.out, results)
-        print(f"wrote {args.out}")
+        opt.wrote(args.out, f"corpus test and reference scores of {', '.join(results)}")
     else:
         print(json.dumps({k: {"accuracy": v["corpus_test"]["accuracy"], "macro_f1": v["corpus_test"]["macro_f1"]}
                           for k, v in results.items()}))
@@ -227,9 +239,13 @@ def _train(args) -> int:
         res = {**calibrate_yesno(judge, load_judge_corpus("dev")), "corpus_hash": corpus_hash(load_judge_corpus())}
         out = args.out or weights_dir() / "llm-yesno.json"
         write_json(out, res)
-        print(f"calibrated llm-yesno: threshold {res['threshold']:.3f}, dev balanced accuracy {res['balanced_accuracy']:.3f} -> {out}")
+        print(f"calibrated llm-yesno: threshold {res['threshold']:.3f}, dev balanced accuracy {res['balanced_accuracy']:.3f}")
+        opt.wrote(out, "llm-yesno calibration")
         return 0
     meta = train_judge(args.train, out=args.out, progress=not args.no_progress)
     print(f"trained {args.train}: dev macro-F1 {meta['dev_macro_f1']:.3f}, λ={meta['lambda']:g}, "
-          f"T={meta.get('temperature', 1.0):.3g} -> {args.out or 'packaged weights'}")
+          f"T={meta.get('temperature', 1.0):.3g}")
+    from .probe import artifact, weights_dir
+
+    opt.wrote(artifact(args.out or weights_dir() / args.train), f"{args.train} weights and .json metadata")
     return 0

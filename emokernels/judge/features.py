@@ -59,8 +59,8 @@ class MiniLMEncoder:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         path = minilm_path()
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path, dtype=torch.float32).to(device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.model = AutoModel.from_pretrained(path, dtype=torch.float32, local_files_only=True).to(device).eval()
         self.device = torch.device(device)
         self.batch_size, self.max_length = batch_size, max_length
 

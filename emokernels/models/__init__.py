@@ -1,5 +1,5 @@
 """Model zoo loading and architecture adapters."""
 from .adapters import Adapter, LayerSites, UnsupportedArchitectureError
-from .loader import ZOO, ModelNotInstalledError, load
+from .loader import ZOO, ModelNotInstalledError, ModelSourceError, load
 
-__all__ = ["Adapter", "LayerSites", "UnsupportedArchitectureError", "ZOO", "ModelNotInstalledError", "load"]
+__all__ = ["Adapter", "LayerSites", "UnsupportedArchitectureError", "ZOO", "ModelNotInstalledError", "ModelSourceError", "load"]

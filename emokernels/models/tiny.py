@@ -52,10 +52,10 @@ def shared_tokenizer():
         cached = _dequantized_cache_dir("smollm2-135m")
         try:
             if (cached / "tokenizer_config.json").exists():
-                _TOKENIZER = AutoTokenizer.from_pretrained(cached)
+                _TOKENIZER = AutoTokenizer.from_pretrained(cached, local_files_only=True)
             else:
                 p = gguf_path(ZOO["smollm2-135m"])
-                _TOKENIZER = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+                _TOKENIZER = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name, local_files_only=True)
         except ModelNotInstalledError:
             return None
         if _TOKENIZER.pad_token is None:

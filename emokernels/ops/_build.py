@@ -15,9 +15,11 @@ torch version.
 Each translation unit is compiled to an object file cached by the hash of its text, the shared
 headers, the flags and the Python version (objects are compiled in parallel), then linked. The
 module lands in ``$EMOKERNELS_BUILD_DIR`` or ``~/.cache/emokernels/build/<hash>/`` where
-``<hash>`` covers every source, header, flag and the Python version. Outputs are written to a
-temporary name and moved into place with :func:`os.replace`, so concurrent builders never see a
-half-written file. A compile failure raises :class:`BuildError` carrying the compiler output.
+``<hash>`` covers every source (its path under the source root and its text), header, flag and
+the Python version, but not where the source root lies: a checkout and an installed wheel with
+the same sources share one build. Outputs are written to a temporary name and moved into place
+with :func:`os.replace`, so concurrent builders never see a half-written file. A compile
+failure raises :class:`BuildError` carrying the compiler output.
 
 A ``bind_<op>`` declared in a module file whose ``python_bindings/<kind>/<op>_bind.cpp`` does not
 exist yet gets an empty stub (with a warning), so the module links while ops are being added.
@@ -117,6 +119,12 @@ def _hash(*parts: bytes) -> str:
     return hsh.hexdigest()[:16]
 
 
+def _root_relative(name: str, root: Path) -> str:
+    """``name`` as a POSIX path under ``root`` (a generated stub's bare name stays as it is)."""
+    path = Path(name)
+    return path.relative_to(root).as_posix() if path.is_absolute() else name
+
+
 def _stub_source(kind: str, module_file: Path, binds: list[Path]) -> str | None:
     declared = re.findall(r"^\s*void\s+(bind_\w+)\s*\(", module_file.read_text(), re.M)
     present = {p.stem[: -len("_bind")] for p in binds if p.stem.endswith("_bind")}
@@ -163,13 +171,15 @@ def _build(kind: str, verbose: bool = False) -> Path:
         raise BuildError(f"missing {module_file}")
     headers = _headers(root)
     header_blob = b"".join(h.name.encode() + h.read_bytes() for h in headers)
-    flag_blob = " ".join([*compiler, *cflags, *ldflags, sys.version]).encode()
+    # Cache keys name sources by their path under the source root, and the flags with the root
+    # masked, so a checkout and an installed wheel holding the same sources share one build.
+    flag_blob = " ".join([*compiler, *cflags, *ldflags, sys.version]).replace(str(root), "<root>").encode()
 
     stub = _stub_source(kind, module_file, binds)
     units: list[tuple[str, bytes]] = [(str(p), p.read_bytes()) for p in [*kernels, module_file, *binds]]
     if stub is not None:
         units.append(("_stubs.cpp", stub.encode()))
-    key = _hash(flag_blob, header_blob, *(name.encode() + text for name, text in units))
+    key = _hash(flag_blob, header_blob, *(_root_relative(name, root).encode() + text for name, text in units))
     out_dir = build_dir(kind, key)
     ext_suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
     target = out_dir / (_KINDS[kind]["module"] + ext_suffix)

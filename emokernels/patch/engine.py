@@ -30,6 +30,8 @@ from contextlib import ContextDecorator
 import torch
 
 from ..models.adapters import Adapter
+from ..ops.backends import resolve_backend
+from .rows import check_finite, check_layers, per_row, resolve_rows, resolve_strength
 from .spec import Intervention
 
 _BACKENDS = ("reference", "fused", "auto", "cpu", "triton", "cuda")
@@ -44,6 +46,7 @@ class PatchState:
         self.readout: torch.Tensor | None = None  # int64 [B], absolute index of t* (this call)
         self._prefill_readout: torch.Tensor | None = None  # t* set by the last eager prefill
         self.readout_override: torch.Tensor | None = None
+        self.readout_max: int | None = None  # max(readout_override), read once when it is set
         self.prefill = True
         self.past = 0
         self._masks: dict[tuple, torch.Tensor] = {}
@@ -82,6 +85,9 @@ class PatchState:
             r = self.readout_override.to(device=device, dtype=torch.long)
             if r.shape != (batch,):
                 raise ValueError(f"readout= must have shape [{batch}], got {tuple(r.shape)}")
+            if self.readout_max >= T:
+                raise IndexError(f"readout= holds {self.readout_max}, outside this call's sequence of {T} tokens "
+                                 f"(0..{T - 1})")
             return r
         if attention_mask is not None:
             from ..data.prompts import readout_positions
@@ -137,6 +143,9 @@ class PatchHandle(ContextDecorator):
         self._hooks: list = []
         self._mid_h: dict[int, torch.Tensor] = {}
         self._fused = None  # fused decoder layers (emokernels.patch.fused_layers), non-reference backends
+        self._device = next(model.parameters()).device
+        # resolved once per patch: a backend that cannot run here fails now, not at the first call
+        self.resolved_backend = "reference" if self.backend == "reference" else resolve_backend(self._device, self.backend)
         self.interventions = [self._prepare(iv) for iv in interventions]
         try:
             self._install()
@@ -150,41 +159,82 @@ class PatchHandle(ContextDecorator):
         return {"heads": a.num_heads * a.head_dim, "neurons": a.intermediate_size}.get(site, a.hidden_size)
 
     def _prepare(self, iv: Intervention) -> Intervention:
+        """Validate ``iv`` against the model; return a copy with its tables, rows and strength on
+        the model's device.
+
+        Everything that does not depend on the batch is checked here, once, identically for every
+        backend: layers in range; tables finite, with the site's width; edit ids integer, distinct
+        and in range, with scale/add tables of the index's length; rows in ``[0, E)`` for tables
+        of E rows; a finite strength; no steering (``add_rms``) with an all-zero vector (an error
+        naming the layer and row: it would change nothing, silently; zero rows that no batch row
+        uses are allowed, and ``add`` tables may hold zero rows, as a circuit's biases do where
+        an emotion selects nothing). The checks run where the tables are (usually the CPU) before
+        they move, and raise before anything is installed, so a bad argument leaves the model as
+        it was.
+        """
         a = self.adapter
-        for l in iv.layers:
-            if not 0 <= l < a.num_layers:
-                raise IndexError(f"layer {l} out of range for a {a.num_layers}-layer model")
-        dev = next(self.model.parameters()).device
+        name = f"intervention {iv.name or f'{iv.site}.{iv.op}'!r}"
+        check_layers(iv.layers, a.num_layers, name)
         width = self._width(iv.site)
+        tables = {}
+        for key in ("vectors", "index", "scale", "add", "directions"):
+            m = getattr(iv, key)
+            tables[key] = None if m is None else {l: _table(m[l], f"{name}: {key}[{l}]", key, iv.site, width,
+                                                              a.head_dim) for l in iv.layers}
+        rows, strength = iv.rows, iv.strength
+        if iv.op not in ("capture", "project"):
+            rows = resolve_rows(rows, self._table_rows(iv, tables, name), f"{name}: rows")
+            strength = resolve_strength(strength, what=f"{name}: strength")
+            if iv.op == "add_rms":  # steering towards a zero vector changes nothing: say so
+                used = torch.tensor([rows]) if isinstance(rows, int) else rows.unique()
+                nonzero = torch.stack([tables["vectors"][l][used.to(tables["vectors"][l].device)].ne(0).any(-1).cpu()
+                                       for l in iv.layers])  # [L', U]
+                if not bool(nonzero.all()):
+                    i, j = (~nonzero).nonzero()[0].tolist()
+                    raise ValueError(f"{name}: vectors[{iv.layers[i]}] row {int(used[j])} is all zeros: steering with "
+                                     "it changes nothing (a direction that could not be estimated?)")
+        dev = self._device
+        moved = {k: None if t is None else {l: v.to(dev) for l, v in t.items()} for k, t in tables.items()}
+        return Intervention(site=iv.site, op=iv.op, layers=iv.layers, positions=iv.positions, **moved,
+                            rows=rows if not isinstance(rows, torch.Tensor) else rows.to(dev),
+                            strength=strength if not isinstance(strength, torch.Tensor) else strength.to(dev),
+                            name=iv.name, fn=iv.fn)
 
-        def table(m, name, last_dim):
-            if m is None:
-                return None
-            out = {}
-            for l in iv.layers:
-                t = torch.as_tensor(m[l]).to(dev)
-                if t.dim() == 1 and name in ("vectors", "directions"):
-                    t = t[None]
-                if last_dim is not None and t.shape[-1] != last_dim:
-                    raise ValueError(f"{name}[{l}] has last dim {t.shape[-1]}, site {iv.site!r} has width {last_dim}")
-                out[l] = t.long() if name == "index" else t.float()
-            return out
+    def _table_rows(self, iv: Intervention, tables: dict, name: str) -> int:
+        """E, the number of table rows every layer of an edit has (rows must lie in [0, E)).
 
-        head_dim = a.head_dim if iv.site == "heads" else None
-        iv = Intervention(
-            site=iv.site, op=iv.op, layers=iv.layers, positions=iv.positions,
-            vectors=table(iv.vectors, "vectors", width), index=table(iv.index, "index", None),
-            scale=table(iv.scale, "scale", None), add=table(iv.add, "add", head_dim),
-            directions=table(iv.directions, "directions", width), rows=iv.rows, strength=iv.strength,
-            name=iv.name, fn=iv.fn,
-        )
-        if iv.op == "edit":
-            limit = a.num_heads if iv.site == "heads" else a.intermediate_size
-            for l in iv.layers:
-                idx = iv.index[l]
-                if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= limit):
-                    raise IndexError(f"index[{l}] has ids outside [0, {limit}) for site {iv.site!r}")
-        return iv
+        Also checks the sparse edits: ids in range and distinct; scale [E, n], add [E, n]
+        (neurons) or [E, n, hd] (heads) for n = len(index[ℓ]), the same E for both tables."""
+        if iv.op in ("add", "add_rms"):
+            return min(int(tables["vectors"][l].shape[0]) for l in iv.layers)
+        a = self.adapter
+        limit = a.num_heads if iv.site == "heads" else a.intermediate_size
+        unit = "head" if iv.site == "heads" else "neuron"
+        E = None
+        for l in iv.layers:
+            idx = tables["index"][l]
+            n = idx.numel()
+            if n:
+                lo, hi = int(idx.min()), int(idx.max())
+                if lo < 0 or hi >= limit:
+                    raise IndexError(f"{name}: index[{l}] has {unit} id {lo if lo < 0 else hi} outside [0, {limit}) "
+                                     f"for site {iv.site!r}")
+                if idx.unique().numel() != n:
+                    raise ValueError(f"{name}: index[{l}] lists a {unit} id more than once (the edit would apply twice)")
+            E_l = None
+            for key in ("scale", "add"):
+                t = _get(tables[key], l)
+                if t is None:
+                    continue
+                want = (n,) if key == "scale" or iv.site == "neurons" else (n, a.head_dim)
+                if tuple(t.shape[1:]) != want or t.dim() != 1 + len(want):
+                    raise ValueError(f"{name}: {key}[{l}] must be [E, {', '.join(map(str, want))}] for {n} ids, "
+                                     f"got shape {tuple(t.shape)}")
+                if E_l is not None and t.shape[0] != E_l:
+                    raise ValueError(f"{name}: scale[{l}] has {E_l} rows but add[{l}] has {t.shape[0]}")
+                E_l = t.shape[0]
+            E = E_l if E is None else min(E, E_l)
+        return E
 
     def _install(self):
         a = self.adapter
@@ -225,6 +275,14 @@ class PatchHandle(ContextDecorator):
         B, T = x.shape[0], x.shape[1]
         self.state.begin(B, T, _past_length(kwargs), kwargs.get("attention_mask"), x.device)
 
+    def op_backend(self, x: torch.Tensor) -> str | None:
+        """The ``backend=`` for an op on ``x``: the backend resolved at patch time; under
+        ``torch.compile`` the request itself (it decides whether the op's reference is traced,
+        see ``ops.backends.trace_reference``), and also for a tensor on another device type."""
+        if torch.compiler.is_compiling() or x.device.type != self._device.type:
+            return self.backend
+        return self.resolved_backend
+
     def _rows(self, iv: Intervention):
         """(table row, strength) per batch row, built once per forward call and shared by all layers."""
         hit = self.state.rows_cache.get(id(iv))
@@ -234,26 +292,14 @@ class PatchHandle(ContextDecorator):
 
     def _build_rows(self, iv: Intervention):
         B, dev = self.state.batch, self.state.abs_pos.device
-        rows = iv.rows
-        if rows is None or isinstance(rows, int):
-            rows = torch.full((B,), 0 if rows is None else rows, dtype=torch.long, device=dev)
-        else:
-            rows = torch.as_tensor(rows, device=dev).long()
-            if rows.shape != (B,):
-                raise ValueError(f"rows= has shape {tuple(rows.shape)}, the batch has {B} rows")
-        s = iv.strength
-        if isinstance(s, (int, float)):
-            s = torch.full((B,), float(s), dtype=torch.float32, device=dev)
-        else:
-            s = torch.as_tensor(s, device=dev).float()
-            if s.shape != (B,):
-                raise ValueError(f"strength= has shape {tuple(s.shape)}, the batch has {B} rows")
-        return rows, s
+        return (per_row(iv.rows, B, "rows", torch.long, dev),
+                per_row(iv.strength, B, "strength", torch.float32, dev))
 
     def _apply(self, l: int, x: torch.Tensor, ivs: list[Intervention]) -> torch.Tensor:
         from .. import ops
 
         st = self.state
+        be = self.op_backend(x)
         for iv in ivs:
             if iv.op in ("capture", "project"):
                 self._capture(l, x, iv)
@@ -261,12 +307,12 @@ class PatchHandle(ContextDecorator):
             rows, s = self._rows(iv)
             mask = st.mask(iv.positions)
             if iv.op in ("add", "add_rms"):
-                x = ops.gather_add(x, iv.vectors[l], rows, s, mask, rms_scale=iv.op == "add_rms", backend=self.backend)
+                x = ops.gather_add(x, iv.vectors[l], rows, s, mask, rms_scale=iv.op == "add_rms", backend=be)
             elif iv.site == "neurons":
-                x = ops.neuron_edit(x, iv.index[l], _get(iv.scale, l), _get(iv.add, l), rows, s, mask, backend=self.backend)
+                x = ops.neuron_edit(x, iv.index[l], _get(iv.scale, l), _get(iv.add, l), rows, s, mask, backend=be)
             else:
                 x = ops.head_edit(x, iv.index[l], self.adapter.head_dim, _get(iv.scale, l), _get(iv.add, l), rows, s, mask,
-                                  backend=self.backend)
+                                  backend=be)
         return x
 
     def _capture(self, l: int, x: torch.Tensor, iv: Intervention):
@@ -283,7 +329,7 @@ class PatchHandle(ContextDecorator):
             if not st.prefill:
                 return  # t* lies in the prefill chunk; decode steps hold no readout row
             if iv.op == "project":
-                self.captures[key][l].append(ops.capture_project(x, iv.directions[l], st.readout, backend=self.backend))
+                self.captures[key][l].append(ops.capture_project(x, iv.directions[l], st.readout, backend=self.op_backend(x)))
             else:
                 self.captures[key][l].append(x[torch.arange(st.batch, device=x.device), st.readout].detach().clone())
         else:
@@ -349,8 +395,23 @@ class PatchHandle(ContextDecorator):
 
     # -- lifecycle -------------------------------------------------------------------------
     def set_readout(self, readout: torch.Tensor | None):
-        """Override t* for the next prefill calls (int64 [B]); None returns to the attention mask."""
-        self.state.readout_override = readout
+        """Override t* for the next prefill calls (int64 [B]); None returns to the attention mask.
+
+        Checked here (integers, 1-D, ≥ 0) and per prefill against the call's length T (a t*
+        outside the sequence would edit nothing, silently): the largest value is read once here,
+        so the per-call check is a host-side comparison, no device sync."""
+        if readout is None:
+            self.state.readout_override, self.state.readout_max = None, None
+            return self
+        r = readout if isinstance(readout, torch.Tensor) else torch.as_tensor(readout)
+        if r.is_floating_point() or r.is_complex() or r.dtype == torch.bool:
+            raise TypeError(f"readout= must hold integer token positions, got {r.dtype}")
+        if r.dim() != 1:
+            raise ValueError(f"readout= must be one position per batch row, shape [B]; got {tuple(r.shape)}")
+        lo, hi = (int(r.min()), int(r.max())) if r.numel() else (0, -1)
+        if lo < 0:
+            raise IndexError(f"readout= holds {lo}: positions count from 0 (no negative indexing)")
+        self.state.readout_override, self.state.readout_max = r, hi
         return self
 
     def pop_captures(self) -> dict[str, torch.Tensor]:
@@ -388,6 +449,35 @@ def _get(m, l):
     return None if m is None else m[l]
 
 
+def _table(t, what: str, key: str, site: str, width: int, head_dim: int) -> torch.Tensor:
+    """One layer's table, checked where it is: ``index`` int64 [n]; ``vectors`` / ``directions``
+    fp32 [E, width] (a [width] vector is one row); ``scale`` / ``add`` fp32 (shapes checked
+    against ``index`` in ``PatchHandle._table_rows``). NaN / inf anywhere is an error."""
+    try:
+        t = torch.as_tensor(t)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"{what} must be a tensor, got {type(t).__name__}") from exc
+    if key == "index":
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"{what} must hold integer ids, got {t.dtype} (ids are not rounded)")
+        if t.dim() != 1:
+            raise ValueError(f"{what} must be 1-D [n], got shape {tuple(t.shape)}")
+        return t.long()
+    if t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"{what} must be a real float tensor, got {t.dtype}")
+    if key in ("vectors", "directions"):
+        if t.dim() == 1:
+            t = t[None]
+        if t.dim() != 2:
+            raise ValueError(f"{what} must be [E, {width}] (or one vector [{width}]), got shape {tuple(t.shape)}")
+    last = width if key in ("vectors", "directions") else head_dim if (key == "add" and site == "heads") else None
+    if last is not None and t.shape[-1] != last:
+        raise ValueError(f"{what} has last dim {t.shape[-1]}, site {site!r} has width {last}")
+    t = t.float()
+    check_finite(t.detach(), what)
+    return t
+
+
 def patch(model, *interventions, backend: str = "reference", readout: torch.Tensor | None = None, **kwargs) -> PatchHandle:
     """Patch ``model`` with interventions (or a circuit / steering object) until the handle is removed.
 
@@ -408,5 +498,9 @@ def patch(model, *interventions, backend: str = "reference", readout: torch.Tens
         raise TypeError(f"unexpected keyword arguments {sorted(kwargs)}")
     h = PatchHandle(model, flat, backend=backend)
     if readout is not None:
-        h.set_readout(readout)
+        try:
+            h.set_readout(readout)
+        except BaseException:
+            h.remove()
+            raise
     return h

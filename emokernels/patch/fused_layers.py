@@ -239,7 +239,7 @@ def _run_point(pt: _Point | None, be: str, req: str, res, delta, gamma, eps, gem
         for e in edits[1:]:
             rows, s = h._rows(e.iv)
             m = ops.gather_add(m, e.get_table(), rows, s, st.mask(e.positions), rms_scale=e.rms,
-                               backend=h.backend)
+                               backend=h.op_backend(m))
         n = None
         if gamma is not None:
             m, n, _ = op(be, req, m, torch.zeros_like(m), None, None, None, None, False, gamma,
@@ -354,7 +354,7 @@ def install_fused_layers(handle, by_site: dict) -> FusedLayers:
     if a.family not in FUSABLE_FAMILIES:
         return fl
     dev = next(handle.model.parameters()).device
-    be = resolve_backend(dev, handle.backend)
+    be = handle.resolved_backend if dev == handle._device else resolve_backend(dev, handle.backend)
     req = handle.backend or ""
     phi3_dropout = a.family == "phi3" and float(getattr(a.model.config, "resid_pdrop", 0.0) or 0.0) > 0
     layers = sorted({l for (site, l) in by_site if site in ("resid_mid", "attn_out", "resid_post", "mlp_out")})

@@ -26,6 +26,10 @@ Ops:
 
 Positions (a name or a tuple of names, OR-ed): ``readout`` (t = t*), ``prompt`` (t ≤ t*),
 ``generated`` (t > t*), ``all``. In KV-cached decoding each step's single token is ``generated``.
+
+Validation (:mod:`emokernels.patch.rows`): ``layers`` is an int or distinct ints (checked here);
+tables, rows and strengths are checked against the model when ``patch()`` is entered (finite
+values, widths, table sizes, row ids in range), before anything is installed, for every backend.
 """
 from __future__ import annotations
 
@@ -33,6 +37,8 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping, Sequence
 
 import torch
+
+from .rows import as_layers
 
 SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "heads", "neurons")
 OPS = ("add", "add_rms", "edit", "capture", "project")
@@ -52,7 +58,7 @@ def _as_tuple(positions) -> tuple[str, ...]:
 class Intervention:
     site: str
     op: str
-    layers: Sequence[int]
+    layers: Sequence[int] | int
     positions: str | tuple[str, ...] = "all"
     vectors: Mapping[int, torch.Tensor] | None = None
     index: Mapping[int, torch.Tensor] | None = None
@@ -69,7 +75,7 @@ class Intervention:
             raise ValueError(f"unknown site {self.site!r}: use one of {SITES}")
         if self.op not in OPS:
             raise ValueError(f"unknown op {self.op!r}: use one of {OPS}")
-        self.layers = tuple(int(l) for l in self.layers)
+        self.layers = as_layers(self.layers)
         self.positions = _as_tuple(self.positions)
         need = {"add": "vectors", "add_rms": "vectors", "project": "directions"}.get(self.op)
         if need and getattr(self, need) is None:

@@ -87,12 +87,17 @@ READERS = [  # (case, file with duplicates, call)
 
 
 def _judge_cli(gen):
-    import argparse
+    """The CLI prints the error as one line and exits 2: raise it again for the table's check."""
+    import contextlib
+    import io
 
-    from emokernels.judge.cli import _main
+    from emokernels.cli import main
 
-    return _main(argparse.Namespace(reference=False, evaluate=False, train=None, inp=str(gen), judge="minilm",
-                                    out=str(gen.with_name("o.jsonl")), second_judge=None))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(["judge", "--in", str(gen), "--out", str(gen.with_name("o.jsonl"))])
+    assert rc == 2 and len(err.getvalue().strip().splitlines()) == 1, err.getvalue()
+    raise DuplicateKeyError(err.getvalue())
 
 
 @pytest.mark.parametrize("case,file,call", READERS, ids=[r[0] for r in READERS])
