@@ -300,7 +300,7 @@ class Circuit:
                     model_identity=meta.get("model_identity"), allow_model_mismatch=allow_model_mismatch, **tables)
         except ValueError as e:
             raise CorruptArtifactError(f"{path}: {e}") from e
-        if not meta.get("model_identity"):
+        if "model_identity" not in meta:  # a file from before identities (built in memory without one: None, silent)
             warn_unrecorded(path, "circuit")
         if emotions is not None:
             c = c.select(emotions)

@@ -247,7 +247,7 @@ class EmotionDirections:
                 raise CorruptArtifactError(f"{path}: the rows of 'directions' disagree with the per-emotion tensors "
                                            f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): the emotion "
                                            f"order {d.emotions} does not match the stored vectors")
-        if not meta.get("model_identity"):
+        if "model_identity" not in meta:  # a file from before identities (built in memory without one: None, silent)
             warn_unrecorded(path, "directions artifact")
         if emotions is not None:
             d = d.select(emotions)

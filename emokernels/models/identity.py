@@ -117,8 +117,8 @@ def check_identity(stored: dict | None, model, what: str, allow_mismatch: bool =
 
 
 def warn_unrecorded(path, what: str) -> None:
-    warnings.warn(f"{path}: this {what} records no model identity (written before identities were stored, or "
-                  "built without a model); only its shape can be checked against a model", stacklevel=3)
+    warnings.warn(f"{path}: this {what} records no model identity (written before identities were "
+                  "stored); only its shape can be checked against a model", stacklevel=3)
 
 
 __all__ = ["CONFIG_FIELDS", "ModelMismatchError", "model_identity", "config_hash", "config_fields", "check_identity",
