@@ -176,7 +176,7 @@ class Run:
         from .judge.cli import judge_rows
         from .judge.report import write_report
 
-        rows = judge_rows(read_jsonl(gen), judge or self.judge, out, second=second)
+        rows = judge_rows(read_jsonl(gen, unique_key="key"), judge or self.judge, out, second=second)
         rep = write_report(rows, out.with_suffix(""))
         return rows, rep
 
@@ -233,19 +233,21 @@ class Run:
 
     def stage_components(self):
         from .discover.components_cli import discover_components, plot_heads, plot_neurons, summarise
-        from .discover.neurons import sev_units
+        from .discover.neurons import direction_tensors, sev_units
+        from .models.identity import model_identity
 
         d = self.directions("prompt")  # components score the emotion-prompt readout (the paper)
-        dirs_attn, dirs_mlp = d.directions[0], d.directions[1]  # [L, 6, d] each
+        dirs_attn, dirs_mlp = direction_tensors(d)  # [L, 6, d] each, rows in EMOTIONS order by name
         units = sev_units(self.skeletons("train", self.a.train_limit))
         neurons, heads, diffs, secs = discover_components(self.model, self.tok, units, dirs_attn, dirs_mlp,
                                                           prompt_config=self._prompt_config(),
                                                           batch_size=self.a.batch_size,
                                                           checkpoint=self.out / "components" / "checkpoint")
         folder = self.out / "components"
-        neurons.save(folder / "neurons", {"model": self.a.model})
-        heads.save(folder / "heads", {"model": self.a.model})
-        diffs.save(folder / "diffs", {"model": self.a.model})
+        meta = {"model": self.a.model, "model_identity": model_identity(self.model)}
+        neurons.save(folder / "neurons", meta)
+        heads.save(folder / "heads", meta)
+        diffs.save(folder / "diffs", meta)
         plot_heads(heads, folder)
         plot_neurons(neurons, folder)
         summary = summarise(neurons, heads, diffs)
@@ -304,6 +306,7 @@ class Run:
         from .discover.influence import InfluenceResult
         from .discover.neurons import NeuronScores
         from .models import Adapter
+        from .models.identity import model_identity
 
         folder = self.out / "components"
         inf = InfluenceResult.load(self.out / "influence" / "influence")
@@ -319,7 +322,8 @@ class Run:
         else:
             neurons, heads = NeuronScores.load(folder / "neurons"), HeadScores.load(folder / "heads")
             diffs = ComponentDiffs.load(folder / "diffs")
-        circuit = assemble_circuit(inf, neurons, heads, diffs, shape=a.describe(), K_total=K)
+        circuit = assemble_circuit(inf, neurons, heads, diffs, shape=a.describe(), K_total=K,
+                                   model_identity=model_identity(self.model))
         circuit.meta["source"] = self.circuit_source()
         circuit.save(self.out / "circuit" / "circuit")
         return {"K_total": K, "source": self.circuit_source(), "size": circuit.size(circuit.emotions[0])}

@@ -80,10 +80,12 @@ def _main(args) -> int:
 
     import torch
 
+    from .io import exclusive_output
     from .pipeline import Run
 
     torch.manual_seed(args.seed)
-    rc = Run(args).run()
+    with exclusive_output(Path(args.out) / "state.json", what=f"the run folder {args.out}"):  # one `run` per folder
+        rc = Run(args).run()
     report = Path(args.out) / "report.md"
     opt.wrote(report if report.exists() else args.out, "the run's report; artifacts beside it")
     return rc

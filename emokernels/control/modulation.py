@@ -154,6 +154,8 @@ class CompiledCircuit:
         bad = [f"{k}: compiled {self.shape.get(k)} vs model {have[k]}" for k in keys if self.shape.get(k) != have[k]]
         if bad:
             raise ValueError("compiled circuit was built for a different model shape (" + "; ".join(bad) + ")")
+        from ..models.identity import check_identity  # issue 15: the model it was compiled on
+        check_identity(self.meta.get("model_identity"), model, "this compiled circuit")
 
     def to_interventions(self, model, emotion=None, strength=None, positions=None,
                          components: Sequence[str] = ("neurons", "heads")) -> list[Intervention]:
@@ -203,6 +205,8 @@ def compile_to_bias(circuit: Circuit, model) -> CompiledCircuit:
     Raises ValueError for architectures with a norm after o_proj/down_proj (Gemma 2/3) and for
     circuits with ablation targets (a multiplicative edit has no constant-bias form).
     """
+    from ..models.identity import model_identity  # issue 15: recorded, checked when the biases are applied
+
     circuit.check_model(model)
     a = Adapter.of(model)
     if a.spec.attn_post or a.spec.mlp_post:
@@ -229,5 +233,5 @@ def compile_to_bias(circuit: Circuit, model) -> CompiledCircuit:
                 la.add(l)
     return CompiledCircuit(emotions=circuit.emotions, b_mlp=b_mlp.float(), b_attn=b_attn.float(), shape=dict(circuit.shape),
                            strengths=dict(circuit.strengths), layers_mlp=tuple(sorted(lm)), layers_attn=tuple(sorted(la)),
-                           meta={"source": "compile_to_bias", "circuit_meta": {k: v for k, v in circuit.meta.items()
+                           meta={"source": "compile_to_bias", "model_identity": model_identity(model), "circuit_meta": {k: v for k, v in circuit.meta.items()
                                                                                if k != "allocation"}})

@@ -38,6 +38,8 @@ def register(subparsers) -> None:
     opt.add_dtype(p, "bf16")
     opt.add_progress(p)
     opt.add_out(p, "file", help="generations JSONL; beside it <stem>.judged.jsonl, <stem>_report/, <stem>.summary.json")
+    p.add_argument("--allow-model-mismatch", action="store_true",
+                   help="apply directions estimated on another model (name or config differs) anyway")
     p.set_defaults(func=run)
 
 
@@ -91,7 +93,8 @@ def run(args) -> int:
     parse_layers(args.layers, EmotionDirections.load(args.directions).num_layers)
     t0 = time.time()
     model, tok = load(args.model, dtype=args.dtype)
-    dirs = EmotionDirections.load(args.directions, model=model)
+    dirs = EmotionDirections.load(args.directions, model=model,
+                                  allow_model_mismatch=getattr(args, "allow_model_mismatch", False))
     judge = get_judge(args.judge)
     base = default_alpha(dirs.hidden_size)
     sweep = None

@@ -107,12 +107,10 @@ def load_judge_corpus(split: str | Sequence[str] | None = None, path: str | Path
     if path is None:
         text, where = resources.files(__package__).joinpath(_FILE).read_text(encoding="utf-8"), _FILE
     else:
+        from ..io import read_text_utf8
+
         path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
-        where = str(path)
+        text, where = read_text_utf8(path), str(path)  # bad bytes: names the file, line and byte
     rows = [CorpusRow(**{k: rec[k] for k in _FIELDS}) for _, rec in string_records(text, where, _FIELDS, may_be_empty=("text",))]
     if not rows:
         raise ValueError(f"{where}: no rows")

@@ -19,7 +19,8 @@ settings (greedy, 100 tokens, no penalties) where that is wanted.
 Output: one JSONL row per unit, keyed ``f"{skeleton_id}__{valence}__{emotion}"``, appended per
 batch with ``emokernels.io.append_jsonl`` (one write + fsync). Re-running skips keys already in
 the file, so a killed run resumes where it stopped; a torn last line left by a crash is cut off
-before appending.
+before appending. One process writes a file at a time (``emokernels.io.exclusive_output``): a
+second ``generate`` on the same ``--out`` stops with an error naming the file and the PID.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from typing import Callable, ContextManager, Iterable, Sequence
 
 import torch
 
-from ..io import append_jsonl, read_jsonl
+from ..io import append_jsonl, exclusive_output, read_jsonl
 from .prompts import PromptConfig, chat_messages, encode, render
 from .sev import Skeleton, make_key
 
@@ -168,7 +169,9 @@ def generate_rows(model, tok, units: Iterable[Unit], out_path: str | os.PathLike
     (default: ``"prompt"`` or ``"neutral"``); ``extra`` adds fields to every row (e.g. a strength).
     ``decoding`` overrides ``DEFAULT_DECODING``; ``max_new_tokens`` overrides both.
     ``resume=True`` skips keys already in the file (their settings must agree, else ValueError);
-    ``resume=False`` deletes the file first.
+    ``resume=False`` deletes the file first. The file is locked for the whole call
+    (:class:`~emokernels.io.OutputLockedError` if another process holds it) and a file holding a
+    key twice raises :class:`~emokernels.io.DuplicateKeyError` naming the keys and the repair.
     """
     if emotion_mode not in EMOTION_MODES:
         raise ValueError(f"emotion_mode must be one of {EMOTION_MODES}, got {emotion_mode!r}")
@@ -188,11 +191,18 @@ def generate_rows(model, tok, units: Iterable[Unit], out_path: str | os.PathLike
         if clash:
             raise ValueError(f"extra= must not overwrite row fields {clash}")
 
+    with exclusive_output(out_path):
+        return _generate_locked(model, tok, units, out_path, emotion_mode, prompt, batch_size, dec, resume,
+                                patch_factory, progress, settings, extra)
+
+
+def _generate_locked(model, tok, units, out_path, emotion_mode, prompt, batch_size, dec, resume, patch_factory,
+                     progress, settings, extra):
     if not resume and out_path.exists():
         out_path.unlink()
     truncate_torn_tail(out_path)
     done: dict[str, dict] = {}
-    for row in read_jsonl(out_path):
+    for row in read_jsonl(out_path, unique_key="key"):
         done[row["key"]] = row
     wanted = {u[3] for u in units}
     for key, row in done.items():

@@ -240,7 +240,9 @@ def load_split(name_or_path: str | os.PathLike, limit: int | None = None) -> lis
             raise FileNotFoundError(
                 f"SEV file not found: {str(path)!r} (packaged splits: {', '.join(SPLITS)})"
             )
-        source, text = str(path), path.read_text(encoding="utf-8")
+        from ..io import read_text_utf8
+
+        source, text = str(path), read_text_utf8(path, SEVFormatError)  # bad bytes: the file, line and byte
     skeletons = validate_records(text.splitlines(), source)
     return skeletons if limit is None else skeletons[:limit]
 

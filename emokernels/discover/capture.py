@@ -423,7 +423,9 @@ def capture(model, tokenizer, units: Sequence[CaptureUnit], *, prompt_config: Pr
     over the ranks and all-reduce the accumulator (:func:`.distributed.capture_sharded`); every
     rank passes the same units and gets the single-process result (up to fp64 summation order).
     """
-    from ..io import load_tensors, save_tensors
+    import contextlib
+
+    from ..io import exclusive_output, load_tensors, save_tensors
     from ..patch import Intervention, patch
 
     if distributed:
@@ -516,7 +518,7 @@ def capture(model, tokenizer, units: Sequence[CaptureUnit], *, prompt_config: Pr
             meta["accumulator"] = m
         if kept:
             tensors["states"] = torch.cat(kept)
-        save_tensors(ck, tensors, meta)
+        save_tensors(ck, tensors, meta, sidecar=False)  # one file: the `done` list is atomic with the state
 
     batches = [todo[i: i + batch_size] for i in range(0, len(todo), batch_size)]
     bar = None
@@ -524,7 +526,9 @@ def capture(model, tokenizer, units: Sequence[CaptureUnit], *, prompt_config: Pr
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(units), initial=len(units) - len(todo), desc=f"capture ({mode})", unit="unit")
-    with torch.no_grad(), patch(model, *ivs, backend=backend) as handle:
+    # One writer per checkpoint: a second capture into the same --out stops here, before writing.
+    lock = exclusive_output(ck.with_suffix(".safetensors")) if ck is not None else contextlib.nullcontext()
+    with lock, torch.no_grad(), patch(model, *ivs, backend=backend) as handle:
         for bi, chunk in enumerate(batches):
             batch = _render_batch(tokenizer, chunk, prompt_config, mode)
             mask = batch["attention_mask"].to(dev)
@@ -545,11 +549,11 @@ def capture(model, tokenizer, units: Sequence[CaptureUnit], *, prompt_config: Pr
                 bar.update(B)
             if ck is not None and (bi + 1) % checkpoint_every == 0:
                 save_checkpoint()
+        if acc is not None:
+            acc.finish()
+        save_checkpoint()
     if bar is not None:
         bar.close()
-    if acc is not None:
-        acc.finish()
-    save_checkpoint()
     return CaptureResult(
         mode=mode, accumulator=acc, keys=[u.key for u in units], emotions=[u.emotion for u in units],
         groups=[u.group for u in units], valences=[u.valence for u in units], themes=[u.theme for u in units],

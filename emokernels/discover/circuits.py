@@ -32,6 +32,7 @@ Tensor layouts follow the rest of ``emokernels.discover``: component tables are 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,6 +149,8 @@ class Circuit:
     * ``ablate_neurons[e][ℓ]`` / ``ablate_heads[e][ℓ]``: ablation targets (``include_negative``; usually empty).
     * ``strengths[e]``: default modulation strength s (paper: 1.0, anger 0.8).
     * ``shape``: the model shape it was built for (``Adapter.describe()``), checked on apply.
+    * ``model_identity``: name and config hash of that model (:mod:`emokernels.models.identity`),
+      checked on apply unless ``allow_model_mismatch``.
     * ``meta``: allocation logs and options.
 
     Layers missing from a mapping select nothing. Apply with
@@ -165,9 +168,13 @@ class Circuit:
     ablate_neurons: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
     ablate_heads: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+    model_identity: dict | None = None
+    allow_model_mismatch: bool = field(default=False, compare=False, repr=False)  # not saved
 
     def __post_init__(self):
         self.emotions = tuple(self.emotions)
+        if len(set(self.emotions)) != len(self.emotions):
+            raise ValueError(f"circuit emotions {self.emotions} name an emotion twice")
         for e in self.emotions:
             self.strengths.setdefault(e, PAPER_STRENGTHS.get(e, 1.0))
             for name in ("neurons", "delta_a", "heads", "delta_z", "ablate_neurons", "ablate_heads"):
@@ -197,15 +204,32 @@ class Circuit:
 
         return self.emotions[emotion_index(self.emotions, emotion, owner="this circuit")]
 
-    def check_model(self, model) -> None:
-        """Raise ValueError naming every shape field where ``model`` differs from the circuit's model."""
+    def check_model(self, model, allow_model_mismatch: bool | None = None) -> None:
+        """Raise ValueError naming every shape field where ``model`` differs from the circuit's model,
+        and :class:`~emokernels.models.identity.ModelMismatchError` if the recorded model identity
+        is not ``model``'s (unless allowed: argument, else ``self.allow_model_mismatch``)."""
         from ..models.adapters import Adapter
+        from ..models.identity import check_identity
 
         have = Adapter.of(model).describe()
         keys = ("num_layers", "hidden_size", "num_heads", "head_dim", "intermediate_size")
         bad = [f"{k}: circuit {self.shape.get(k)} vs model {have[k]}" for k in keys if self.shape.get(k) != have[k]]
         if bad:
             raise ValueError("circuit was built for a different model shape (" + "; ".join(bad) + ")")
+        allow = self.allow_model_mismatch if allow_model_mismatch is None else allow_model_mismatch
+        check_identity(self.model_identity, model, "this circuit", allow)
+
+    def select(self, emotions: Sequence[str]) -> "Circuit":
+        """This circuit with ``emotions`` in that order (tables stay keyed by name). Raises
+        ValueError naming any emotion the circuit lacks."""
+        emotions = tuple(emotions)
+        missing = [e for e in emotions if e not in self.emotions]
+        if missing:
+            raise ValueError(f"the circuit has no {', '.join(map(repr, missing))}: it holds {', '.join(self.emotions)}")
+        if emotions == self.emotions:
+            return self
+        pick = {name: {e: getattr(self, name)[e] for e in emotions} for name in self._TABLES}
+        return dataclasses.replace(self, emotions=emotions, strengths={e: self.strengths[e] for e in emotions}, **pick)
 
     def to_interventions(self, model, **kwargs):
         """See :func:`emokernels.control.modulation.circuit_interventions`."""
@@ -227,30 +251,62 @@ class Circuit:
                     if t.numel():
                         tensors[f"{name}.{e}.{int(l)}"] = t
         meta = {"kind": "emotion_circuit", "emotions": list(self.emotions), "strengths": self.strengths,
-                "shape": self.shape, "meta": self.meta}
+                "shape": self.shape, "model_identity": self.model_identity, "meta": self.meta}
         if not tensors:  # safetensors needs at least something to hold the header
             tensors["_empty"] = torch.zeros(1)
         return save_tensors(path, tensors, meta)
 
     @classmethod
-    def load(cls, path) -> "Circuit":
-        from ..io import CorruptArtifactError, load_tensors
+    def load(cls, path, model=None, *, emotions: Sequence[str] | None = None,
+             allow_model_mismatch: bool = False) -> "Circuit":
+        """Read a circuit written by :meth:`save`; with ``model`` check that it fits (shape and
+        model identity; ``allow_model_mismatch=True`` applies a circuit of another model anyway).
+
+        Tables are keyed by emotion name; ``emotions=[...]`` keeps those emotions in that order and
+        raises ValueError naming any the file lacks. Missing metadata keys, non-finite Δ or
+        strengths, and tensors of emotions the metadata does not list raise CorruptArtifactError
+        naming the file."""
+        from ..io import CorruptArtifactError, load_tensors, require_finite, require_keys
+        from ..models.identity import warn_unrecorded
 
         t, meta = load_tensors(path)
         if meta.get("kind") != "emotion_circuit":
             raise CorruptArtifactError(f"{path} is not an emotion-circuit artifact (kind={meta.get('kind')!r})")
-        emotions = tuple(meta["emotions"])
-        tables = {name: {e: {} for e in emotions} for name in cls._TABLES}
-        for key, v in t.items():
+        require_keys(t, meta, path, meta_keys=("emotions", "shape"))
+        require_finite(t, path)
+        stored = tuple(meta["emotions"])
+        tables = {name: {e: {} for e in stored} for name in cls._TABLES}
+        unexpected = []
+        for key, v in sorted(t.items()):
             if key == "_empty":
                 continue
             try:
                 name, e, l = key.rsplit(".", 2)
                 tables[name][e][int(l)] = v.long() if name in ("neurons", "heads", "ablate_neurons", "ablate_heads") else v.float()
-            except (ValueError, KeyError) as err:
-                raise CorruptArtifactError(f"{path}: unexpected tensor {key!r}") from err
-        return cls(emotions=emotions, shape=meta["shape"], strengths={k: float(v) for k, v in meta.get("strengths", {}).items()},
-                   meta=meta.get("meta", {}), **tables)
+            except (ValueError, KeyError):
+                unexpected.append(key)
+        if unexpected:
+            raise CorruptArtifactError(f"{path}: unexpected tensors {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''} "
+                                       f"(not '<table>.<emotion>.<layer>' of a listed emotion {stored})")
+        try:
+            strengths = {k: float(v) for k, v in meta.get("strengths", {}).items()}
+        except (TypeError, ValueError) as err:
+            raise CorruptArtifactError(f"{path}: strengths must be numbers, got {meta.get('strengths')!r}") from err
+        bad = [k for k, v in strengths.items() if not math.isfinite(v)]
+        if bad:
+            raise CorruptArtifactError(f"{path}: strengths of {bad} are not finite")
+        try:
+            c = cls(emotions=stored, shape=meta["shape"], strengths=strengths, meta=meta.get("meta", {}),
+                    model_identity=meta.get("model_identity"), allow_model_mismatch=allow_model_mismatch, **tables)
+        except ValueError as e:
+            raise CorruptArtifactError(f"{path}: {e}") from e
+        if "model_identity" not in meta:  # a file from before identities (built in memory without one: None, silent)
+            warn_unrecorded(path, "circuit")
+        if emotions is not None:
+            c = c.select(emotions)
+        if model is not None:
+            c.check_model(model)
+        return c
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,7 +337,8 @@ def _layer_table(x, name: str, L: int, E: int, width: int | None, attr_candidate
 def assemble_circuit(Ibar, neuron_scores, head_scores, delta_a, delta_z=None, *, shape: Mapping, K_total: int = 560,
                      ratio: str = "fixed", mlp_frac: float = 0.7, floors: bool = True, min_mlp: int = 4, min_attn: int = 2,
                      cap_ratio: float = 0.4, include_negative: bool = False, negative_frac: float = 0.1,
-                     emotions: Sequence[str] = EMOTIONS, strengths: Mapping[str, float] | None = None) -> Circuit:
+                     emotions: Sequence[str] = EMOTIONS, strengths: Mapping[str, float] | None = None,
+                     model_identity: dict | None = None) -> Circuit:
     """Build a :class:`Circuit` from sublayer influence and component scores (METHOD §8.4).
 
     * ``Ibar``: [E, 2 (attn, mlp), L] (or an ``InfluenceResult``); NaN counts as 0.
@@ -292,6 +349,7 @@ def assemble_circuit(Ibar, neuron_scores, head_scores, delta_a, delta_z=None, *,
     * ``K_total``, ``ratio`` ("fixed": K_mlp = round(mlp_frac·K); "auto": by Σw_mlp : Σw_attn),
       ``floors`` (k_min = min_mlp / min_attn per layer, else 0), ``cap_ratio``: see :func:`allocate`.
     * ``include_negative``/``negative_frac``: ablation targets (module docstring).
+    * ``model_identity``: ``emokernels.models.identity.model_identity(model)``, stored and checked on apply.
     Layers with no score or Δ rows get ``available = 0``, so their quota moves elsewhere.
     """
     if ratio not in ("fixed", "auto"):
@@ -300,6 +358,16 @@ def assemble_circuit(Ibar, neuron_scores, head_scores, delta_a, delta_z=None, *,
         raise ValueError(f"mlp_frac must be in [0, 1], got {mlp_frac}")
     emotions = tuple(emotions)
     E = len(emotions)
+    if model_identity:  # component tables that recorded their model must come from this one
+        from ..models.identity import ModelMismatchError, describe, mismatch
+
+        for what, obj in (("neuron_scores", neuron_scores), ("head_scores", head_scores), ("delta_a", delta_a),
+                          ("delta_z", delta_z)):
+            stored = (getattr(obj, "meta", None) or {}).get("model_identity")
+            diff = mismatch(stored, model_identity) if isinstance(stored, dict) else []
+            if diff:
+                raise ModelMismatchError(f"{what} were computed on {describe(stored)}, but the circuit is assembled for "
+                                         f"{describe(model_identity)}: " + "; ".join(diff))
     L, H, hd, d_ff = (int(shape[k]) for k in ("num_layers", "num_heads", "head_dim", "intermediate_size"))
     Ibar = getattr(Ibar, "Ibar", Ibar)
     Ibar = torch.as_tensor(Ibar, dtype=torch.float64).nan_to_num(0.0)
@@ -363,4 +431,4 @@ def assemble_circuit(Ibar, neuron_scores, head_scores, delta_a, delta_z=None, *,
             "min_attn": min_attn, "cap_ratio": cap_ratio, "include_negative": include_negative,
             "negative_frac": negative_frac if include_negative else 0.0,
             "allocation": logs, "Ibar": Ibar.tolist()}
-    return Circuit(emotions=emotions, shape=dict(shape), strengths=strengths, meta=meta, **out)
+    return Circuit(emotions=emotions, shape=dict(shape), strengths=strengths, meta=meta, model_identity=model_identity, **out)

@@ -66,6 +66,8 @@ def register(subparsers) -> None:
     p.add_argument("--enhance-scale", type=opt.finite_float, default=1.0, help="s in the additive enhancement s·Δ")
     opt.add_judge(p, default=None, help="also judge generations with this judge; slow (default: none)")
     opt.add_out(p, "dir")
+    p.add_argument("--allow-model-mismatch", action="store_true",
+                   help="apply directions estimated on another model (name or config differs) anyway")
     p.set_defaults(func=run)
 
 
@@ -82,16 +84,29 @@ def discover_components(model, tok, units, dirs_attn, dirs_mlp, *, reading="resi
                         batch_size=6, checkpoint=None, checkpoint_every=20, fingerprint="", progress=True):
     """One pass over ``units`` → (NeuronScores, HeadScores, ComponentDiffs, seconds).
 
-    ``checkpoint``: path prefix; collectors' state is saved atomically every ``checkpoint_every``
-    batches and a rerun with the same ``fingerprint`` resumes after the saved units."""
-    from ..io import load_tensors, save_tensors
+    ``checkpoint``: path prefix; collectors' state is saved every ``checkpoint_every`` batches as
+    one ``<checkpoint>.safetensors`` whose header holds the count of units done, replaced in one
+    ``os.replace``: a kill at any point leaves either the previous checkpoint or the new one,
+    never the state of one with the count of another. A rerun with the same ``fingerprint``
+    resumes after the saved units. The checkpoint has one writer at a time (``exclusive_output``)."""
+    import contextlib
+
+    from ..io import exclusive_output
     from .diffs import DiffAccumulator
     from .heads import HeadAccumulator
-    from .neurons import NeuronAccumulator, run_collectors, unit_batches
+    from .neurons import NeuronAccumulator
 
     cols = [NeuronAccumulator(model, dirs_mlp), HeadAccumulator(model, dirs_attn, reading=reading), DiffAccumulator(model)]
-    start = 0
     ck = None if checkpoint is None else Path(str(checkpoint) + ".safetensors")
+    with exclusive_output(ck) if ck is not None else contextlib.nullcontext():
+        return _discover(model, tok, units, cols, ck, batch_size, prompt_config, checkpoint_every, fingerprint, progress)
+
+
+def _discover(model, tok, units, cols, ck, batch_size, prompt_config, checkpoint_every, fingerprint, progress):
+    from ..io import load_tensors, save_tensors
+    from .neurons import run_collectors, unit_batches
+
+    start = 0
     if ck is not None and ck.exists():
         state, meta = load_tensors(ck)
         if meta.get("fingerprint") == fingerprint:
@@ -106,7 +121,7 @@ def discover_components(model, tok, units, dirs_attn, dirs_mlp, *, reading="resi
         n_batches[0] += 1
         if ck is not None and (n_batches[0] % checkpoint_every == 0) and start + done < len(units):
             state = {k: v.detach().cpu() for c in cols for k, v in c.state_dict().items()}
-            save_tensors(ck, state, {"fingerprint": fingerprint, "n_done": start + done})
+            save_tensors(ck, state, {"fingerprint": fingerprint, "n_done": start + done}, sidecar=False)
 
     t0 = time.time()
     run_collectors(model, unit_batches(tok, todo, batch_size, prompt_config), cols, total=len(todo), on_batch=on_batch,
@@ -224,6 +239,7 @@ def run(args) -> int:
     from ..data.sev import dataset_hash, load_split
     from ..io import write_json
     from ..models.adapters import Adapter
+    from ..models.identity import model_identity
     from ..models.loader import load, model_source
     from .capture import load_accepted_keys
     from .directions import EmotionDirections
@@ -249,7 +265,8 @@ def run(args) -> int:
     t0 = time.time()
     model, tok = load(args.model, dtype=args.dtype)
     a = Adapter.of(model)
-    dirs = EmotionDirections.load(args.directions, model=model)
+    dirs = EmotionDirections.load(args.directions, model=model,
+                                  allow_model_mismatch=getattr(args, "allow_model_mismatch", False))
     dirs_attn, dirs_mlp = direction_tensors(dirs)
     skeletons = load_split(args.split, args.limit)
     accepted = load_accepted_keys(args.accepted) if args.accepted else None
@@ -263,7 +280,8 @@ def run(args) -> int:
         checkpoint=out / "components_checkpoint", checkpoint_every=args.checkpoint_every, fingerprint=fp)
     meta = dict(model=str(args.model), dtype=args.dtype, split=str(args.split), limit=args.limit, accepted=args.accepted,
                 dataset_hash=dataset_hash(skeletons), directions=str(args.directions), directions_hash=dirs_hash,
-                directions_source=dirs.source, prompt=config.to_dict(), n_units=len(units), model_shape=a.describe())
+                directions_source=dirs.source, prompt=config.to_dict(), n_units=len(units), model_shape=a.describe(),
+                model_identity=model_identity(model))
     neurons.save(out / "neurons", meta)
     neurons.write_csv(out)
     heads.save(out / "heads", meta)

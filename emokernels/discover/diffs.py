@@ -185,11 +185,12 @@ class ComponentDiffs:
 
     @classmethod
     def load(cls, path) -> "ComponentDiffs":
-        from ..io import CorruptArtifactError, load_tensors
+        from ..io import CorruptArtifactError, load_tensors, require_keys
 
         t, meta = load_tensors(path)
-        if meta.get("kind") != "component_diffs" or "dz" not in t or "da" not in t:
-            raise CorruptArtifactError(f"{path}: not a component-diffs artifact")
+        if meta.get("kind") != "component_diffs":
+            raise CorruptArtifactError(f"{path}: not a component-diffs artifact (kind={meta.get('kind')!r})")
+        require_keys(t, meta, path, ("dz", "da", "layers"), ("n_groups", "head_dim"))
         return cls(t["dz"], t["da"], tuple(int(x) for x in t["layers"]), int(meta["n_groups"]),
                    int(meta.get("n_incomplete", 0)), int(meta["head_dim"]), meta)
 

@@ -22,6 +22,7 @@ normalisation: how strongly the emotion separates at that point).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import tempfile
@@ -80,6 +81,8 @@ class EmotionDirections:
     dataset_hash: str = ""
     n_groups: int = 0
     extra: dict = field(default_factory=dict)
+    model_identity: dict | None = None  # models.identity.model_identity of the model they were estimated on
+    allow_model_mismatch: bool = field(default=False, compare=False, repr=False)  # not saved
 
     def __post_init__(self):
         if self.directions.dim() != 4:
@@ -94,6 +97,21 @@ class EmotionDirections:
         if self.source not in SOURCES:
             raise ValueError(f"unknown source {self.source!r}: use one of {SOURCES}")
         self.points, self.emotions = tuple(self.points), tuple(self.emotions)
+        if len(set(self.emotions)) != len(self.emotions):
+            raise ValueError(f"emotions {self.emotions} name an emotion twice")
+
+    def select(self, emotions: Sequence[str]) -> "EmotionDirections":
+        """These directions with the emotion axis in the order ``emotions`` (rows follow their
+        names, never their positions). Raises ValueError naming any emotion not stored here."""
+        emotions = tuple(emotions)
+        missing = [e for e in emotions if e not in self.emotions]
+        if missing:
+            raise ValueError(f"the directions have no {', '.join(map(repr, missing))}: they hold {', '.join(self.emotions)}")
+        if emotions == self.emotions:
+            return self
+        idx = torch.tensor([self.emotions.index(e) for e in emotions])
+        return dataclasses.replace(self, directions=self.directions[:, :, idx], norms=self.norms[:, :, idx],
+                                   emotions=emotions)
 
     # -- shape / lookup ---------------------------------------------------------------------
     @property
@@ -137,9 +155,13 @@ class EmotionDirections:
         v = v / v.norm(dim=-1, keepdim=True).clamp_min(EPS)
         return (v @ v.T).float()
 
-    def check_model(self, model) -> None:
-        """Raise ValueError if ``model``'s hidden size or layer count differs from the directions'."""
+    def check_model(self, model, allow_model_mismatch: bool | None = None) -> None:
+        """Raise ValueError if ``model``'s hidden size or layer count differs from the directions',
+        and :class:`~emokernels.models.identity.ModelMismatchError` if the recorded model identity
+        (name, config hash) is not ``model``'s, unless mismatches are allowed (argument, else the
+        ``allow_model_mismatch`` the directions were loaded with)."""
         from ..models.adapters import Adapter
+        from ..models.identity import check_identity
 
         a = Adapter.of(model)
         if a.hidden_size != self.hidden_size or a.num_layers != self.num_layers:
@@ -147,6 +169,8 @@ class EmotionDirections:
                 f"directions were estimated on {self.model or 'a model'} with {self.num_layers} layers x hidden "
                 f"{self.hidden_size}, but this model has {a.num_layers} layers x hidden {a.hidden_size}"
             )
+        allow = self.allow_model_mismatch if allow_model_mismatch is None else allow_model_mismatch
+        check_identity(self.model_identity, model, "these directions", allow)
 
     # -- artifact ---------------------------------------------------------------------------
     def metadata(self) -> dict:
@@ -154,7 +178,7 @@ class EmotionDirections:
             kind="emotion_directions", model=self.model, source=self.source, points=list(self.points),
             emotions=list(self.emotions), num_layers=self.num_layers, hidden_size=self.hidden_size,
             normalisation=self.normalisation, prompt_preset=self.prompt_preset, dataset_hash=self.dataset_hash,
-            n_groups=self.n_groups, extra=self.extra,
+            n_groups=self.n_groups, extra=self.extra, model_identity=self.model_identity,
             layout="directions[point, layer, emotion, d]; '{emotion}.direction.{k}' = mlp point of 0-based "
                    "layer k (llama.cpp control-vector convention: added to the output of block k)",
         )
@@ -183,27 +207,52 @@ class EmotionDirections:
         return save_tensors(path, t, meta)
 
     @classmethod
-    def load(cls, path, model=None) -> "EmotionDirections":
-        """Read an artifact written by :meth:`save`; with ``model`` check that it fits."""
-        from ..io import CorruptArtifactError, load_tensors
+    def load(cls, path, model=None, *, emotions: Sequence[str] | None = None,
+             allow_model_mismatch: bool = False) -> "EmotionDirections":
+        """Read an artifact written by :meth:`save`; with ``model`` check that it fits (shape and
+        model identity; ``allow_model_mismatch=True`` applies directions of another model anyway).
+
+        Emotions follow their stored names: ``emotions=None`` gives the canonical order
+        ``EMOTIONS`` when the file holds exactly those six (in whatever order it stores them),
+        else the stored order; ``emotions=[...]`` gives that order and raises ValueError naming
+        any emotion the file lacks. Non-finite values, missing metadata and per-emotion tensors
+        that disagree with the rows named for them raise CorruptArtifactError naming the file."""
+        from ..io import CorruptArtifactError, load_tensors, require_finite, require_keys
+        from ..models.identity import warn_unrecorded
 
         path = _artifact_path(path)
         tensors, meta = load_tensors(path)
         if meta.get("kind") != "emotion_directions":
-            raise CorruptArtifactError(f"{path.with_suffix('.json')} is not emotion-directions metadata "
-                                       f"(kind={meta.get('kind')!r})")
-        missing = [k for k in ("directions", "sigma", "norms") if k not in tensors]
-        if missing:
-            raise CorruptArtifactError(f"{path} lacks tensors {missing}")
-        d = cls(
-            directions=tensors["directions"], sigma=tensors["sigma"], norms=tensors["norms"], model=meta.get("model", ""),
-            source=meta.get("source", "prompt"), points=tuple(meta.get("points", POINTS)),
-            emotions=tuple(meta.get("emotions", EMOTIONS)), normalisation=meta.get("normalisation", "pre_final_norm"),
-            prompt_preset=meta.get("prompt_preset", ""), dataset_hash=meta.get("dataset_hash", ""),
-            n_groups=int(meta.get("n_groups", 0)), extra=meta.get("extra", {}),
-        )
+            raise CorruptArtifactError(f"{path} is not an emotion-directions artifact (kind={meta.get('kind')!r})")
+        require_keys(tensors, meta, path, ("directions", "sigma", "norms"), ("emotions", "points", "num_layers", "hidden_size"))
+        require_finite(tensors, path)
+        try:
+            d = cls(
+                directions=tensors["directions"], sigma=tensors["sigma"], norms=tensors["norms"],
+                model=meta.get("model", ""), source=meta.get("source", "prompt"), points=tuple(meta["points"]),
+                emotions=tuple(meta["emotions"]), normalisation=meta.get("normalisation", "pre_final_norm"),
+                prompt_preset=meta.get("prompt_preset", ""), dataset_hash=meta.get("dataset_hash", ""),
+                n_groups=int(meta.get("n_groups", 0)), extra=meta.get("extra", {}),
+                model_identity=meta.get("model_identity"), allow_model_mismatch=allow_model_mismatch,
+            )
+        except ValueError as e:
+            raise CorruptArtifactError(f"{path}: {e}") from e
         if (d.num_layers, d.hidden_size) != (meta.get("num_layers"), meta.get("hidden_size")):
             raise CorruptArtifactError(f"{path}: tensor shape {tuple(d.directions.shape)} disagrees with its metadata")
+        if "mlp" in d.points:  # '{emotion}.direction.{k}' must hold the row stored under that emotion's name
+            mlp = d.point_index("mlp")
+            bad = [f"{e}.direction.{k}" for i, e in enumerate(d.emotions) for k in range(1, d.num_layers)
+                   if f"{e}.direction.{k}" in tensors and not torch.equal(tensors[f"{e}.direction.{k}"], d.directions[mlp, k, i])]
+            if bad:
+                raise CorruptArtifactError(f"{path}: the rows of 'directions' disagree with the per-emotion tensors "
+                                           f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): the emotion "
+                                           f"order {d.emotions} does not match the stored vectors")
+        if "model_identity" not in meta:  # a file from before identities (built in memory without one: None, silent)
+            warn_unrecorded(path, "directions artifact")
+        if emotions is not None:
+            d = d.select(emotions)
+        elif set(d.emotions) == set(EMOTIONS):
+            d = d.select(EMOTIONS)
         if model is not None:
             d.check_model(model)
         return d
@@ -297,6 +346,8 @@ def read_gguf_control_vector(path) -> tuple[dict[int, torch.Tensor], dict]:
         if t.tensor_type != gguf.GGMLQuantizationType.F32 or len(t.shape) != 1:
             raise ValueError(f"{path}: {t.name} must be a 1-D F32 tensor")
         out[k] = torch.from_numpy(t.data.copy()).float()
+        if not bool(torch.isfinite(out[k]).all()):
+            raise ValueError(f"{path}: tensor {t.name!r} holds non-finite values (NaN or inf)")
     return out, fields
 
 
@@ -312,14 +363,16 @@ def _verify_gguf(path, vecs: dict, d: int) -> None:
 
 
 def from_accumulator(acc, *, model: str = "", source: str = "prompt", normalisation: str = "pre_final_norm",
-                     prompt_preset: str = "", dataset_hash: str = "", extra: dict | None = None) -> EmotionDirections:
-    """Directions from a finished :class:`~.capture.GroupAccumulator` (METHOD §4)."""
+                     prompt_preset: str = "", dataset_hash: str = "", extra: dict | None = None,
+                     model_identity: dict | None = None) -> EmotionDirections:
+    """Directions from a finished :class:`~.capture.GroupAccumulator` (METHOD §4).
+    ``model_identity``: :func:`emokernels.models.identity.model_identity` of the captured model."""
     v, n = unit_directions(acc.centroids())
     info = dict(acc.counts())
     info.update(extra or {})
     return EmotionDirections(directions=v, sigma=acc.sigma(), norms=n, model=model, source=source,
                              normalisation=normalisation, prompt_preset=prompt_preset, dataset_hash=dataset_hash,
-                             n_groups=acc.n_groups, extra=info)
+                             n_groups=acc.n_groups, extra=info, model_identity=model_identity)
 
 
 def estimate(model, tokenizer, units, *, source: str | None = None, model_name: str = "", prompt_config=None,
@@ -333,6 +386,7 @@ def estimate(model, tokenizer, units, *, source: str | None = None, model_name: 
     """
     from ..data.prompts import PromptConfig
     from ..models.adapters import Adapter
+    from ..models.identity import model_identity
     from .capture import capture
 
     config = prompt_config or PromptConfig()
@@ -347,7 +401,7 @@ def estimate(model, tokenizer, units, *, source: str | None = None, model_name: 
         res.accumulator, model=model_name, source=src,
         normalisation="paper_final_norm" if paper_final_norm else "pre_final_norm",
         prompt_preset=config.preset if src == "prompt" else "neutral", dataset_hash=dataset_hash,
-        extra=dict(model_type=a.family, prompt=config.to_dict(), n_units=len(res.keys)),
+        extra=dict(model_type=a.family, prompt=config.to_dict(), n_units=len(res.keys)), model_identity=model_identity(model),
     )
     return dirs, res
 

@@ -161,11 +161,12 @@ class InfluenceResult:
 
     @classmethod
     def load(cls, path) -> "InfluenceResult":
-        from ..io import CorruptArtifactError, load_tensors
+        from ..io import CorruptArtifactError, load_tensors, require_keys
 
         t, meta = load_tensors(path)
         if meta.get("kind") != "sublayer_influence":
             raise CorruptArtifactError(f"{path} is not a sublayer-influence artifact (kind={meta.get('kind')!r})")
+        require_keys(t, meta, path, ("I", "s_base", "s_inj", "n_prompts"), ("alphas",))
         return cls(I=t["I"], s_base=t["s_base"], s_inj=t["s_inj"], alphas=tuple(meta["alphas"]), n_prompts=t["n_prompts"],
                    emotions=tuple(meta.get("emotions") or ()) or None, method=meta.get("method", ""), stats=meta.get("stats", {}))
 

@@ -56,9 +56,7 @@ def direction_tensors(directions) -> tuple[torch.Tensor, torch.Tensor]:
     """
     d = directions
     if hasattr(d, "point_index") and isinstance(getattr(d, "directions", None), torch.Tensor):  # EmotionDirections
-        emos = tuple(getattr(d, "emotions", EMOTIONS))
-        if emos != EMOTIONS:
-            raise ValueError(f"directions are for emotions {emos}, expected {EMOTIONS} in this order")
+        d = d.select(EMOTIONS)  # map rows by emotion name (raises naming any missing emotion)
         d = (d.directions[d.point_index("attn")], d.directions[d.point_index("mlp")])
     elif not isinstance(d, (torch.Tensor, tuple, list, dict)):
         for name in ("directions", "tensor", "vectors", "dirs"):

@@ -46,6 +46,7 @@ def text_component_tables(model, tokenizer, units: Sequence, directions, *, prom
     if not units or any(u.reply is None for u in units):
         raise ValueError("text components need text units (CaptureUnit with a reply)")
     directions.check_model(model)
+    directions = directions.select(EMOTIONS)  # rows by name: the tables below are in EMOTIONS order
     cfg = prompt_config or PromptConfig()
     a = Adapter.of(model)
     L, E, H, hd, F = a.num_layers, len(EMOTIONS), a.num_heads, a.head_dim, a.intermediate_size

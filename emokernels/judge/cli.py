@@ -34,9 +34,11 @@ def judge_rows(rows: Sequence[dict], judge: Judge, out_path, *, second: Judge | 
 
     A verdict the judge could not give (label ``"error"``: an endpoint down after its retries) is
     never stored: the run stops with ``JudgeUnavailableError`` and those rows stay pending, so
-    the same call judges them later. Error rows left by older versions are dropped on resume."""
-    from ..data.generate import truncate_torn_tail
-    from ..io import append_jsonl, read_jsonl
+    the same call judges them later. Error rows left by older versions are dropped on resume.
+    ``out_path`` has one writer at a time (:class:`~emokernels.io.OutputLockedError` otherwise);
+    duplicated keys in the generations or in ``out_path`` raise
+    :class:`~emokernels.io.DuplicateKeyError` naming the keys and the repair."""
+    from ..io import check_unique_keys, exclusive_output
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -45,15 +47,22 @@ def judge_rows(rows: Sequence[dict], judge: Judge, out_path, *, second: Judge | 
         for f in ("key", "text", "emotion"):
             if f not in r:
                 raise ValueError(f"generation row {i} has no {f!r} field")
-    keys = [r["key"] for r in rows]
-    if len(set(keys)) != len(keys):
-        raise ValueError("duplicate keys in the generations")
+    check_unique_keys(rows)
     out_path = Path(out_path)
+    with exclusive_output(out_path):
+        return _judge_locked(rows, judge, out_path, second, batch_size, resume, progress)
+
+
+def _judge_locked(rows, judge, out_path, second, batch_size, resume, progress):
+    from ..data.generate import truncate_torn_tail
+    from ..io import append_jsonl, read_jsonl
+
+    keys = [r["key"] for r in rows]
     if not resume and out_path.exists():
         out_path.unlink()
     truncate_torn_tail(out_path)
+    done, stored = {}, read_jsonl(out_path, unique_key="key")
     jd, sd = judge.describe(), second.describe() if second is not None else None
-    done, stored = {}, read_jsonl(out_path)
     for r in stored:
         if r.get("judge") != jd or (r.get("second") or {}).get("judge") != sd:
             raise ValueError(f"{out_path} holds rows judged with other settings (row {r.get('key')!r}); use another --out or --no-resume")
@@ -147,7 +156,7 @@ def _main(args) -> int:
     if out.resolve() == inp.resolve():
         raise ValueError(f"--out {out} is the --in file; judged rows go to another file")
     report_dir = opt.check_out_dir(args.report_dir, "--report-dir") if args.report_dir else out.with_name(out.stem + "_report")
-    rows = read_jsonl(inp)
+    rows = read_jsonl(inp, unique_key="key")
     if not rows:
         raise ValueError(f"{inp} holds no rows")
     t0 = time.perf_counter()
