@@ -122,6 +122,18 @@ def test_distribution_carries_every_native_source(dists, kind):
     assert not changed, f"{dists[kind].name}: files differ from the checkout: {changed}"
 
 
+@pytest.mark.parametrize("kind", ["wheel", "wheel from sdist"])
+def test_wheel_carries_the_package_data(dists, kind):
+    """The shipped directions and circuit, the judge weights and the data files are in the wheel."""
+    want = sorted(p.relative_to(ROOT).as_posix() for sub in ("assets", "judge/weights", "data")
+                  for p in (ROOT / "emokernels" / sub).rglob("*")
+                  if p.is_file() and p.suffix in (".safetensors", ".json", ".jsonl"))
+    assert any("assets/" in w for w in want) and any("judge/weights/" in w for w in want)
+    with zipfile.ZipFile(dists[kind]) as zf:
+        names = set(zf.namelist())
+    assert not [w for w in want if w not in names], f"{dists[kind].name} lacks {[w for w in want if w not in names]}"
+
+
 def test_build_cache_key_ignores_where_the_sources_lie(tmp_path, monkeypatch):
     """A wheel's copy of the sources reuses the module built from the checkout (no second compile)."""
     from emokernels.ops import _build

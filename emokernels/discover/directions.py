@@ -183,17 +183,19 @@ class EmotionDirections:
                    "layer k (llama.cpp control-vector convention: added to the output of block k)",
         )
 
-    def save(self, path, emotion: str | None = None) -> Path:
+    def save(self, path, emotion: str | None = None, *, control_vectors: bool = True) -> Path:
         """Write ``<path>.safetensors`` + ``<path>.json`` (``path`` may be a folder: then
-        ``<folder>/directions``). Tensors: ``directions``, ``sigma``, ``norms``; per emotion
-        ``{emotion}.direction.{k}`` = the mlp-point vector of 0-based layer k ≥ 1 (the GGUF
-        control-vector name, see :meth:`export_gguf_control_vector`); with ``emotion=`` also the
+        ``<folder>/directions``). Tensors: ``directions`` (in its own dtype: fp16 halves a shipped
+        file; :meth:`load` returns fp32), ``sigma``, ``norms``; with ``control_vectors`` also, per
+        emotion, ``{emotion}.direction.{k}`` = the mlp-point vector of 0-based layer k ≥ 1 (the GGUF
+        control-vector name, see :meth:`export_gguf_control_vector`), and with ``emotion=`` the
         bare ``direction.{k}`` of that emotion, so the file reads like a control vector."""
         from ..io import save_tensors
 
         path = _artifact_path(path)
-        t = {"directions": self.directions.float().clone(), "sigma": self.sigma.float().clone(), "norms": self.norms.float().clone()}
-        mlp = self.point_index("mlp") if "mlp" in self.points else None
+        keep = self.directions if self.directions.dtype in (torch.float16, torch.bfloat16) else self.directions.float()
+        t = {"directions": keep.clone(), "sigma": self.sigma.float().clone(), "norms": self.norms.float().clone()}
+        mlp = self.point_index("mlp") if "mlp" in self.points and control_vectors else None
         if mlp is not None:
             for e, name in enumerate(self.emotions):
                 for k in range(1, self.num_layers):
@@ -228,7 +230,7 @@ class EmotionDirections:
         require_finite(tensors, path)
         try:
             d = cls(
-                directions=tensors["directions"], sigma=tensors["sigma"], norms=tensors["norms"],
+                directions=tensors["directions"].float(), sigma=tensors["sigma"].float(), norms=tensors["norms"].float(),
                 model=meta.get("model", ""), source=meta.get("source", "prompt"), points=tuple(meta["points"]),
                 emotions=tuple(meta["emotions"]), normalisation=meta.get("normalisation", "pre_final_norm"),
                 prompt_preset=meta.get("prompt_preset", ""), dataset_hash=meta.get("dataset_hash", ""),
