@@ -25,29 +25,31 @@ ROOT = Path(__file__).resolve().parent
 READY_MODELS = ("smollm2-135m",)
 
 
-def ready_path(kind: str, model: str = "smollm2-135m") -> Path:
-    """``emokernels/assets/<model>/<kind>`` (``kind``: ``"directions"`` or ``"circuit"``), the path
-    stem that ``EmotionDirections.load`` / ``Circuit.load`` take."""
+def ready_path(kind: str, name: str = "smollm2-135m") -> Path:
+    """``emokernels/assets/<name>/<kind>`` (``kind``: ``"directions"`` or ``"circuit"``), the path
+    that ``EmotionDirections.load`` / ``Circuit.load`` take."""
     if kind not in ("directions", "circuit"):
         raise ValueError(f"unknown ready artifact {kind!r}: use 'directions' or 'circuit'")
-    if model not in READY_MODELS:
-        raise ValueError(f"no ready artifacts for {model!r}: they ship for {', '.join(READY_MODELS)}; "
-                         f"run `emokernels run --model {model}` to discover your own")
-    return ROOT / model / kind
+    if name not in READY_MODELS:
+        raise ValueError(f"no ready artifacts for {name!r}: they ship for {', '.join(READY_MODELS)}; "
+                         f"run `emokernels run --model {name}` to discover your own")
+    return ROOT / name / kind
 
 
-def ready_directions(model: str = "smollm2-135m", **load_kwargs):
-    """The shipped :class:`EmotionDirections` of ``model`` (``load_kwargs``: ``model=``, ``emotions=`` ...)."""
+def ready_directions(name: str = "smollm2-135m", **load_kwargs):
+    """The shipped :class:`EmotionDirections` of the zoo model ``name`` (``load_kwargs``: ``model=``
+    to check them against a loaded model, ``emotions=`` ...)."""
     from ..discover.directions import EmotionDirections
 
-    return EmotionDirections.load(ready_path("directions", model), **load_kwargs)
+    return EmotionDirections.load(ready_path("directions", name), **load_kwargs)
 
 
-def ready_circuit(model: str = "smollm2-135m", **load_kwargs):
-    """The shipped :class:`Circuit` of ``model`` (``load_kwargs``: ``model=``, ``emotions=`` ...)."""
+def ready_circuit(name: str = "smollm2-135m", **load_kwargs):
+    """The shipped :class:`Circuit` of the zoo model ``name`` (``load_kwargs``: ``model=`` to check it
+    against a loaded model, ``emotions=`` ...)."""
     from ..discover.circuits import Circuit
 
-    return Circuit.load(ready_path("circuit", model), **load_kwargs)
+    return Circuit.load(ready_path("circuit", name), **load_kwargs)
 
 
 def build(run_dir, model: str = "smollm2-135m", out_root: Path = ROOT) -> tuple[Path, Path]:

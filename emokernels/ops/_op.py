@@ -57,6 +57,9 @@ def runners(name: str, reference: Callable, triton_fn: Callable | None, native_a
             fn = _NATIVE[(backend, name)] = native_fn(backend, name)
         if fn is None:
             return reference(*args)
+        if any(isinstance(a, Tensor) and a.is_meta for a in args):  # a pointer into nothing: a segfault in C++
+            raise ValueError(f"{name}: a tensor is on the meta device (a weight offloaded by accelerate and not "
+                             f"materialised?); the {backend} kernel needs real memory: use backend='reference'")
         fn(*native_args(*args), *stream_args(backend, args[0]))
 
     return {"reference": reference, "triton": triton_fn, "cpu": functools.partial(native, "cpu"),

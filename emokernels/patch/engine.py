@@ -143,7 +143,7 @@ class PatchHandle(ContextDecorator):
         self._hooks: list = []
         self._mid_h: dict[int, torch.Tensor] = {}
         self._fused = None  # fused decoder layers (emokernels.patch.fused_layers), non-reference backends
-        self._device = next(model.parameters()).device
+        self._device = home_device(model)
         # resolved once per patch: a backend that cannot run here fails now, not at the first call
         self.resolved_backend = "reference" if self.backend == "reference" else resolve_backend(self._device, self.backend)
         self.interventions = [self._prepare(iv) for iv in interventions]
@@ -304,14 +304,13 @@ class PatchHandle(ContextDecorator):
             if iv.op in ("capture", "project"):
                 self._capture(l, x, iv)
                 continue
-            rows, s = self._rows(iv)
-            mask = st.mask(iv.positions)
+            rows, s, mask = _to(x.device, *self._rows(iv), st.mask(iv.positions))
             if iv.op in ("add", "add_rms"):
-                x = ops.gather_add(x, iv.vectors[l], rows, s, mask, rms_scale=iv.op == "add_rms", backend=be)
+                x = ops.gather_add(x, *_to(x.device, iv.vectors[l]), rows, s, mask, rms_scale=iv.op == "add_rms", backend=be)
             else:  # a neuron is a group of 1 channel, a head one of head_dim
                 group = 1 if iv.site == "neurons" else self.adapter.head_dim
-                x = ops.sparse_edit(x, iv.index[l], group, _get(iv.scale, l), _get(iv.add, l), rows, s, mask,
-                                    backend=be)
+                index, scale, add = _to(x.device, iv.index[l], _get(iv.scale, l), _get(iv.add, l))
+                x = ops.sparse_edit(x, index, group, scale, add, rows, s, mask, backend=be)
         return x
 
     def _capture(self, l: int, x: torch.Tensor, iv: Intervention):
@@ -328,7 +327,7 @@ class PatchHandle(ContextDecorator):
             if not st.prefill:
                 return  # t* lies in the prefill chunk; decode steps hold no readout row
             if iv.op == "project":
-                self.captures[key][l].append(ops.capture_project(x, iv.directions[l], st.readout, backend=self.op_backend(x)))
+                self.captures[key][l].append(ops.capture_project(x, *_to(x.device, iv.directions[l], st.readout), backend=self.op_backend(x)))
             else:
                 self.captures[key][l].append(x[torch.arange(st.batch, device=x.device), st.readout].detach().clone())
         else:
@@ -446,6 +445,23 @@ class PatchHandle(ContextDecorator):
 
 def _get(m, l):
     return None if m is None else m[l]
+
+
+def _to(device: torch.device, *tensors):
+    """``tensors`` on ``device``: a no-op unless the model's layers live on several devices
+    (accelerate ``device_map`` splits), where a layer's edit runs on that layer's device."""
+    return tuple(t if t is None or t.device == device else t.to(device) for t in tensors)
+
+
+def home_device(model) -> torch.device:
+    """Where the patch keeps its tables: the device of the first parameter that holds data.
+
+    A model dispatched by accelerate with CPU/disk offload keeps offloaded weights on ``meta``
+    (materialised only while their module runs), so the first parameter may be on ``meta``."""
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
 
 
 def _table(t, what: str, key: str, site: str, width: int, head_dim: int) -> torch.Tensor:

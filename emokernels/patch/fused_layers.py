@@ -44,12 +44,12 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from typing import Callable
 
 import torch
 
 from ..models.adapters import FAMILIES
-from ..ops.backends import resolve_backend
 from ..ops.fused_residual import EDIT_EPS, MAX_K, fused_add_rmsnorm_unchecked
 from .spec import Intervention
 
@@ -354,17 +354,25 @@ def install_fused_layers(handle, by_site: dict) -> FusedLayers:
     a = handle.adapter
     if a.family not in FAMILIES:  # read live: a row added to the table is fusable at once
         return fl
-    dev = next(handle.model.parameters()).device
-    be = handle.resolved_backend if dev == handle._device else resolve_backend(dev, handle.backend)
+    be = handle.resolved_backend
     req = handle.backend or ""
     drop = a.spec.resid_dropout
     resid_dropout = bool(drop) and float(getattr(a.model.config, drop, 0.0) or 0.0) > 0
     layers = sorted({l for (site, l) in by_site if site in ("resid_mid", "attn_out", "resid_post", "mlp_out")})
+    # A layer dispatched by accelerate (device_map: offloaded to CPU/disk, or on another device)
+    # runs through accelerate's forward wrapper, which materialises its weights (they sit on
+    # ``meta`` otherwise) and moves its inputs; replacing that forward would hand the kernels
+    # meta or foreign-device pointers. Such layers keep accelerate's forward and take the edits
+    # on hooks, which run inside it.
+    dispatched: list[int] = []
     try:
         for l in layers:
             layer = a.layers[l]
             if getattr(layer.__dict__.get("forward"), _MARK, False):
                 continue  # another live patch owns this layer's forward: hooks here
+            if getattr(layer, "_hf_hook", None) is not None:
+                dispatched.append(l)  # see below: hooks here
+                continue
             points, keys = {}, set()
             for point, sites in (("mid", ("attn_out", "resid_mid")), ("post", ("mlp_out", "resid_post"))):
                 ivs = _point_ivs(by_site, l, point)
@@ -378,4 +386,7 @@ def install_fused_layers(handle, by_site: dict) -> FusedLayers:
     except BaseException:
         fl.remove()
         raise
+    if dispatched:
+        warnings.warn(f"emokernels: decoder layers {dispatched} are dispatched by accelerate (device_map offload or "
+                      "another device); their edits run on hooks instead of fused layers", RuntimeWarning, stacklevel=3)
     return fl
