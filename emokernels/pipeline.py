@@ -233,7 +233,7 @@ class Run:
 
     def stage_components(self):
         from .discover.components_cli import discover_components, plot_heads, plot_neurons, summarise
-        from .discover.neurons import direction_tensors, sev_units
+        from .discover.collect import direction_tensors, sev_units
         from .models.identity import model_identity
 
         d = self.directions("prompt")  # components score the emotion-prompt readout (the paper)

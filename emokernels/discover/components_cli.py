@@ -104,7 +104,7 @@ def discover_components(model, tok, units, dirs_attn, dirs_mlp, *, reading="resi
 
 def _discover(model, tok, units, cols, ck, batch_size, prompt_config, checkpoint_every, fingerprint, progress):
     from ..io import load_tensors, save_tensors
-    from .neurons import run_collectors, unit_batches
+    from .collect import run_collectors, unit_batches
 
     start = 0
     if ck is not None and ck.exists():
@@ -243,7 +243,7 @@ def run(args) -> int:
     from ..models.loader import load, model_source
     from .capture import load_accepted_keys
     from .directions import EmotionDirections
-    from .neurons import direction_tensors, sev_units
+    from .collect import direction_tensors, sev_units
 
     if args.split == "test":
         raise ValueError("components are discovered on the train split only; the test split stays held out "

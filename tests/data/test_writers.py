@@ -36,7 +36,7 @@ def _run(out):
 
 def _components(out):
     from emokernels.discover.components_cli import discover_components
-    from emokernels.discover.neurons import sev_units
+    from emokernels.discover.collect import sev_units
     from tests.helpers import random_directions, tiny
 
     model, tok = tiny("llama")
