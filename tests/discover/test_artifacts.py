@@ -250,7 +250,7 @@ KILLS = [  # (case, checkpoint write that is killed, before or after its os.repl
 def test_components_checkpoint_kill_resumes_exactly(tmp_path, monkeypatch, capsys, case, nth, when, resumed):
     import emokernels.io as io_mod
     from emokernels.data.sev import load_split
-    from emokernels.discover.components_cli import discover_components
+    from emokernels.discover.components import discover_components
     from emokernels.discover.collect import sev_units
     from tests.helpers import random_directions
 

@@ -210,7 +210,7 @@ def test_components_cli_writes_artifacts_and_refuses_test_split(tmp_path, capsys
 def test_discover_components_resumes_after_a_crash(tmp_path, monkeypatch, capsys):
     import emokernels.discover.collect as nmod  # run_collectors calls collect.forward
     from emokernels.data.sev import load_split
-    from emokernels.discover.components_cli import discover_components
+    from emokernels.discover.components import discover_components
 
     model, tok = tiny("llama")
     v = torch.stack([random_directions(model, 0), random_directions(model, 1)])
