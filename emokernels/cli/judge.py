@@ -12,13 +12,12 @@ confusion PNG) goes to ``--report-dir`` (default: ``<out stem>_report/`` beside 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
-from . import options as opt
 from ..judge.base import JUDGES, get_judge
 from ..judge.rows import judge_rows
+from . import options as opt
 
 # probe.TRAINABLE's names (probe imports torch; tests check the two agree) and the calibrated LLM judge
 TRAINABLE_NAMES = ("minilm-probe", "qwen0.5b-probe", "qwen1.5b-probe", "llm-yesno")
