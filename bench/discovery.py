@@ -164,7 +164,7 @@ def discovery_cost(model_name: str, n_skeletons: int, emotions: int, family: str
     from emokernels.data.prompts import chat_messages, render
     from emokernels.discover.heads import head_scores, head_scores_bruteforce
     from emokernels.discover.influence import influence_fast, influence_naive, reference_directions
-    from emokernels.discover.neurons import sev_units, unit_batches
+    from emokernels.discover.collect import sev_units, unit_batches
 
     model, tok = load(model_name, dtype=torch.float32)
     if family:

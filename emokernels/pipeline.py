@@ -14,7 +14,7 @@ and generation/judging resume row by row):
                 one judge, one precision, one decoding setup; naturalness  compare/
 
 The test split is read only by stage 8. ``report.md`` / ``report.json`` and PNG plots land in
-the output folder. The command line is in ``pipeline_cli`` (its parser needs no torch).
+the output folder. The command line is in ``emokernels.cli.run`` (its parser needs no torch).
 """
 from __future__ import annotations
 
@@ -127,7 +127,7 @@ class Run:
 
     def skeletons(self, split: str, limit: int):
         """``limit`` skeletons round-robin over the 8 themes, so small runs see every theme."""
-        from .discover.directions_cli import select_skeletons
+        from .data.sev import select_skeletons
 
         return select_skeletons(split, limit, "balanced")
 
@@ -173,7 +173,7 @@ class Run:
         return {"rows": len(rows)}
 
     def _judge_file(self, gen: Path, out: Path, judge=None, second=None):
-        from .judge.cli import judge_rows
+        from .judge.rows import judge_rows
         from .judge.report import write_report
 
         rows = judge_rows(read_jsonl(gen, unique_key="key"), judge or self.judge, out, second=second)
@@ -232,8 +232,8 @@ class Run:
         return "prompt" if acc >= 0.5 else "text"
 
     def stage_components(self):
-        from .discover.components_cli import discover_components, plot_heads, plot_neurons, summarise
-        from .discover.neurons import direction_tensors, sev_units
+        from .discover.components import discover_components, plot_heads, plot_neurons, summarise
+        from .discover.collect import direction_tensors, sev_units
         from .models.identity import model_identity
 
         d = self.directions("prompt")  # components score the emotion-prompt readout (the paper)

@@ -67,12 +67,14 @@ print("ok")
 
 def test_cli_constants_agree_with_the_heavy_modules():
     """Choices kept in the light CLI modules (so --help needs no torch) equal their sources."""
-    from emokernels import pipeline, pipeline_cli
-    from emokernels.data import generate, generate_cli
+    from emokernels import pipeline
+    from emokernels.cli import generate as generate_cli
+    from emokernels.cli import run as run_cli
+    from emokernels.cli.judge import TRAINABLE_NAMES
+    from emokernels.data import generate
     from emokernels.judge import probe
-    from emokernels.judge.cli import TRAINABLE_NAMES
 
-    assert pipeline_cli.STAGES == pipeline.STAGES
+    assert run_cli.STAGES == pipeline.STAGES
     assert generate_cli.DEFAULT_MAX_NEW_TOKENS == generate.DEFAULT_DECODING["max_new_tokens"]
     assert generate_cli.PAPER_MAX_NEW_TOKENS == generate.PAPER_STAGE01_DECODING["max_new_tokens"]
     assert generate_cli.EMOTION_MODES == generate.EMOTION_MODES

@@ -52,6 +52,7 @@ __all__ = [
     "load_split",
     "make_key",
     "parse_key",
+    "select_skeletons",
     "split_path",
     "validate_records",
 ]
@@ -245,6 +246,25 @@ def load_split(name_or_path: str | os.PathLike, limit: int | None = None) -> lis
         source, text = str(path), read_text_utf8(path, SEVFormatError)  # bad bytes: the file, line and byte
     skeletons = validate_records(text.splitlines(), source)
     return skeletons if limit is None else skeletons[:limit]
+
+
+def select_skeletons(split, limit: int | None, mode: str = "first") -> list:
+    """``limit`` skeletons of ``split``: the first ones, or round-robin over themes (in file order
+    within each theme) so that several themes are represented."""
+    if mode == "first" or limit is None:
+        return load_split(split, limit)
+    if mode != "balanced":
+        raise ValueError(f"unknown selection {mode!r}: use 'first' or 'balanced'")
+    if limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    by_theme: dict[str, list] = {}
+    for s in load_split(split):
+        by_theme.setdefault(s.theme, []).append(s)
+    out, i = [], 0
+    while len(out) < limit and any(i < len(v) for v in by_theme.values()):
+        out += [v[i] for v in by_theme.values() if i < len(v)][: limit - len(out)]
+        i += 1
+    return out
 
 
 def dataset_hash(skeletons: Iterable[Skeleton]) -> str:

@@ -233,6 +233,9 @@ class Circuit:
 
     def to_interventions(self, model, **kwargs):
         """See :func:`emokernels.control.modulation.circuit_interventions`."""
+        # The one upward import (discover -> control, allow-listed in tests/test_layering.py): patch()
+        # expands objects through their ``to_interventions`` protocol, so the circuit applies itself,
+        # while the apply logic lives in control; lazy, so discover never loads control at import.
         from ..control.modulation import circuit_interventions
 
         return circuit_interventions(self, model, **kwargs)

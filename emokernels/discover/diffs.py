@@ -13,7 +13,7 @@ Within-context contrast over the six emotions, averaged over the complete contex
 
 so Σ_e Δ_{e,ℓ} = 0. A context g is a **(skeleton, valence)** pair — the published scripts key
 groups by skeleton alone and let valences overwrite each other (METHOD §11 item 5); here the
-batch's ``groups`` field (``skeleton__valence`` from :func:`~.neurons.sev_units`) is the key.
+batch's ``groups`` field (``skeleton__valence`` from :func:`~.collect.sev_units`) is the key.
 Un-normalised, as the paper's stage 07 consumes them (its committed files are un-normalised).
 
 Streaming: only incomplete groups are held (fp32, [6, L, width] each); a group is folded into
@@ -32,7 +32,7 @@ import torch
 from ..data.labels import EMOTIONS
 from ..models.adapters import Adapter
 from ..patch import Intervention
-from .neurons import Collector, _layers, _readout_rows, run_collectors
+from .collect import Collector, readout_rows, resolve_layers, run_collectors
 
 __all__ = ["GroupContrast", "contrast_batch", "DiffAccumulator", "ComponentDiffs", "component_diffs"]
 
@@ -106,7 +106,7 @@ class DiffAccumulator(Collector):
 
     def __init__(self, model, layers=None):
         a = self.adapter = Adapter.of(model)
-        self.layers = _layers(a, layers)
+        self.layers = resolve_layers(a, layers)
         L = len(self.layers)
         self.z = GroupContrast((L, a.num_heads * a.head_dim))
         self.a = GroupContrast((L, a.intermediate_size))
@@ -114,7 +114,7 @@ class DiffAccumulator(Collector):
 
     def interventions(self):
         def keep(site):
-            return lambda l, x, m, st: self._rows.__setitem__((site, l), _readout_rows(x, st).cpu()) if st.prefill else None
+            return lambda l, x, m, st: self._rows.__setitem__((site, l), readout_rows(x, st).cpu()) if st.prefill else None
 
         return [Intervention("heads", "capture", self.layers, positions="readout", fn=keep("z"), name="diff_z"),
                 Intervention("neurons", "capture", self.layers, positions="readout", fn=keep("a"), name="diff_a")]
@@ -122,7 +122,7 @@ class DiffAccumulator(Collector):
     def begin(self, batch):
         for k in ("emotion", "groups"):
             if k not in batch:
-                raise ValueError(f"batches need {k!r} for difference vectors (see neurons.unit_batches)")
+                raise ValueError(f"batches need {k!r} for difference vectors (see collect.unit_batches)")
         self._rows.clear()
 
     def end(self, batch):

@@ -14,7 +14,7 @@ per-unit states (``keep_states``) are gathered and put back in the single-proces
 Every rank returns the same :class:`.capture.CaptureResult`.
 
 Component scores work the same way. Each rank streams its shard through
-:func:`.neurons.run_collectors`, then :func:`all_reduce_collectors` sums the collectors' states
+:func:`.collect.run_collectors`, then :func:`all_reduce_collectors` sums the collectors' states
 (neuron contribution sums, head Δ sums). ``emokernels components`` does not call it yet.
 
 Run it with ``torchrun --nproc-per-node N -m emokernels.cli directions ...``. The command calls

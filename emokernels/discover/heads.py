@@ -43,7 +43,7 @@ import torch
 from ..data.labels import EMOTIONS
 from ..models.adapters import Adapter
 from ..patch import Intervention, patch
-from .neurons import Collector, _check_dirs, _layers, _readout_rows, forward, run_collectors
+from .collect import Collector, check_dirs, forward, readout_rows, resolve_layers, run_collectors
 
 __all__ = ["READINGS", "HeadScores", "HeadAccumulator", "head_deltas", "head_deltas_bruteforce", "head_scores",
            "head_scores_bruteforce"]
@@ -109,8 +109,8 @@ class HeadAccumulator(Collector):
     def __init__(self, model, dirs_attn: torch.Tensor, layers=None, reading: str = "residual"):
         self.adapter = Adapter.of(model)
         self.reading = _check_reading(reading)
-        self.layers = _layers(self.adapter, layers)
-        self.dirs = _check_dirs(dirs_attn, self.adapter, "dirs_attn")
+        self.layers = resolve_layers(self.adapter, layers)
+        self.dirs = check_dirs(dirs_attn, self.adapter, "dirs_attn")
         self.device = next(model.parameters()).device
         self._math = {l: _LayerMath(self.adapter, l, self.device) for l in self.layers}
         L, E, H = len(self.layers), len(EMOTIONS), self.adapter.num_heads
@@ -124,7 +124,7 @@ class HeadAccumulator(Collector):
 
     def interventions(self):
         def keep(store):
-            return lambda l, x, mask, st: store.__setitem__(l, _readout_rows(x, st)) if st.prefill else None
+            return lambda l, x, mask, st: store.__setitem__(l, readout_rows(x, st)) if st.prefill else None
 
         return [Intervention("heads", "capture", self.layers, positions="readout", fn=keep(self._z), name="head_z"),
                 Intervention("resid_mid", "capture", self.layers, positions="readout", fn=keep(self._m), name="head_m")]
@@ -271,8 +271,8 @@ def head_deltas_bruteforce(model, batch: dict, dirs_attn: torch.Tensor, layers=N
     module, for ``normed``; m at ``resid_mid`` for ``residual``). Returns (Δ [B, L', H], s [B, L'])."""
     a = Adapter.of(model)
     reading = _check_reading(reading)
-    layers = _layers(a, layers)
-    dirs = _check_dirs(dirs_attn, a, "dirs_attn")
+    layers = resolve_layers(a, layers)
+    dirs = check_dirs(dirs_attn, a, "dirs_attn")
     dev = next(model.parameters()).device
     emo = batch["emotion"].to(dev)
     readout = batch["readout"].to(dev)
@@ -333,7 +333,7 @@ def head_scores_bruteforce(model, batches: Iterable[dict], dirs_attn: torch.Tens
     from tqdm.auto import tqdm
 
     a = Adapter.of(model)
-    layers = _layers(a, layers)
+    layers = resolve_layers(a, layers)
     acc = _BruteAcc(layers, a.num_heads, _check_reading(reading))
     for batch in tqdm(list(batches), desc="heads (brute force)", disable=not progress):
         d, s = head_deltas_bruteforce(model, batch, dirs_attn, layers, reading, backend)

@@ -20,218 +20,24 @@ emotion's ranking uses its own prompts), accumulated online — no per-sample [N
 
 Neurons are ranked per layer by C_mean, descending (what circuit selection consumes).
 
-This module also holds the pieces the component stage shares: SEV units → prompt batches
-(:func:`sev_units`, :func:`unit_batches`), the one-pass runner (:func:`run_collectors`) and the
-direction-tensor coercion (:func:`direction_tensors`).
+The pieces the component stage shares (SEV units → prompt batches, the one-pass runner, the
+direction-tensor coercion) live in :mod:`.collect`.
 """
 from __future__ import annotations
 
 import csv
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import torch
 
-from ..data.labels import EMOTIONS, VALENCES
+from ..data.labels import EMOTIONS
 from ..models.adapters import Adapter
 from ..patch import Intervention, patch
+from .collect import Collector, check_dirs, forward, readout_rows, resolve_layers, run_collectors
 
-__all__ = [
-    "sev_units", "unit_batches", "forward", "direction_tensors", "Collector", "run_collectors",
-    "neuron_betas", "neuron_contributions", "NeuronAccumulator", "NeuronScores", "neuron_scores",
-]
-
-
-# ---------------------------------------------------------------------------------------------
-# directions
-# ---------------------------------------------------------------------------------------------
-def direction_tensors(directions) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(dirs_attn, dirs_mlp)``, each fp32 ``[L, 6, d]``, from any accepted form.
-
-    Accepts a tensor ``[2, L, 6, d]`` (point 0 = attn = resid_mid, point 1 = mlp = resid_post),
-    a pair ``(dirs_attn, dirs_mlp)``, a dict with keys ``attn``/``mlp``, or an object (such as
-    ``EmotionDirections``) exposing ``.directions`` / ``.tensor`` / ``.vectors`` ``[2, L, 6, d]``
-    or ``.attn`` / ``.mlp`` attributes.
-    """
-    d = directions
-    if hasattr(d, "point_index") and isinstance(getattr(d, "directions", None), torch.Tensor):  # EmotionDirections
-        d = d.select(EMOTIONS)  # map rows by emotion name (raises naming any missing emotion)
-        d = (d.directions[d.point_index("attn")], d.directions[d.point_index("mlp")])
-    elif not isinstance(d, (torch.Tensor, tuple, list, dict)):
-        for name in ("directions", "tensor", "vectors", "dirs"):
-            t = getattr(d, name, None)
-            if isinstance(t, torch.Tensor):
-                d = t
-                break
-        else:
-            if hasattr(d, "attn") and hasattr(d, "mlp"):
-                d = (getattr(d, "attn"), getattr(d, "mlp"))
-            else:
-                raise TypeError(f"cannot read emotion directions from {type(directions).__name__}: expected a "
-                                "[2, L, 6, d] tensor, (dirs_attn, dirs_mlp), {'attn', 'mlp'} or an EmotionDirections")
-    if isinstance(d, dict):
-        missing = [k for k in ("attn", "mlp") if k not in d]
-        if missing:
-            raise KeyError(f"direction dict lacks {missing}; it needs 'attn' and 'mlp' ([L, 6, d] each)")
-        d = (d["attn"], d["mlp"])
-    if isinstance(d, torch.Tensor):
-        if d.dim() != 4 or d.shape[0] != 2:
-            raise ValueError(f"a direction tensor must be [2, L, 6, d] (attn, mlp), got {tuple(d.shape)}")
-        d = (d[0], d[1])
-    attn, mlp = (torch.as_tensor(x).float() for x in d)
-    for name, t in (("dirs_attn", attn), ("dirs_mlp", mlp)):
-        if t.dim() != 3:
-            raise ValueError(f"{name} must be [L, 6, d], got {tuple(t.shape)}")
-    if attn.shape != mlp.shape:
-        raise ValueError(f"dirs_attn {tuple(attn.shape)} and dirs_mlp {tuple(mlp.shape)} differ in shape")
-    return attn, mlp
-
-
-def _check_dirs(dirs, adapter: Adapter, name: str) -> torch.Tensor:
-    """``[L, 6, d]`` fp32 for this model; an EmotionDirections / [2, L, 6, d] / pair is reduced to
-    its attn point (``name == "dirs_attn"``) or mlp point (``"dirs_mlp"``)."""
-    if not isinstance(dirs, torch.Tensor) or dirs.dim() == 4:
-        attn, mlp = direction_tensors(dirs)
-        dirs = attn if name == "dirs_attn" else mlp
-    dirs = torch.as_tensor(dirs).float()
-    want = (adapter.num_layers, len(EMOTIONS), adapter.hidden_size)
-    if tuple(dirs.shape) != want:
-        raise ValueError(f"{name} must be [L, 6, d] = {list(want)} for this model, got {list(dirs.shape)}")
-    if not torch.isfinite(dirs).all():
-        raise ValueError(f"{name} holds non-finite values")
-    return dirs
-
-
-def _layers(adapter: Adapter, layers) -> tuple[int, ...]:
-    if layers is None:
-        return tuple(range(adapter.num_layers))
-    out = tuple(int(l) for l in layers)
-    bad = [l for l in out if not 0 <= l < adapter.num_layers]
-    if bad:
-        raise IndexError(f"layers {bad} out of range for a {adapter.num_layers}-layer model")
-    if len(set(out)) != len(out):
-        raise ValueError(f"duplicate layers in {list(out)}")
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# samples and batches
-# ---------------------------------------------------------------------------------------------
-def sev_units(skeletons, emotions: Sequence[str] = EMOTIONS, valences: Sequence[str] = VALENCES,
-              keep: Iterable[str] | None = None) -> list:
-    """Emotion-prompt units (:class:`~.capture.CaptureUnit`) in group-major order (skeleton,
-    valence, emotion), so a context's six prompts are adjacent. ``keep``: optional set of unit
-    keys (e.g. judge-accepted ones, :func:`~.capture.load_accepted_keys`) to retain."""
-    from .capture import prompt_units
-
-    return prompt_units(skeletons, emotions, valences, accepted=None if keep is None else set(keep))
-
-
-def _emotion_id(e) -> int:
-    if isinstance(e, str):
-        if e not in EMOTIONS:
-            raise ValueError(f"unknown emotion {e!r}: use one of {EMOTIONS}")
-        return EMOTIONS.index(e)
-    return int(e)
-
-
-def unit_batches(tokenizer, units: Sequence, batch_size: int = 6, config=None, neutral: bool = False,
-                 device=None) -> Iterator[dict]:
-    """Chat-templated, left-padded batches of ``units`` (``key``, ``group``, ``emotion`` name or
-    id, ``user``; e.g. :func:`sev_units`): the emotion prompt of each unit's target
-    (``neutral=True``: the neutral system prompt for every row; ``emotion`` still names the
-    target the row is scored for).
-
-    Yields dicts ``input_ids``/``attention_mask`` [B, T], ``readout`` [B] (t*), ``emotion``
-    int64 [B], ``groups``/``keys`` (lists of str).
-    """
-    from ..data.prompts import PromptConfig, chat_messages, encode, render
-
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    config = config or PromptConfig()
-    bad = [u.key for u in units if getattr(u, "reply", None) is not None]
-    if bad:
-        raise ValueError(f"component scores read the prompt's readout token; text units (with a reply) are not "
-                         f"supported: {bad[:3]}")
-    for i in range(0, len(units), batch_size):
-        chunk = units[i : i + batch_size]
-        ids = [_emotion_id(u.emotion) for u in chunk]
-        texts = [render(tokenizer, chat_messages(u.user, None if neutral else EMOTIONS[e], config), config)
-                 for u, e in zip(chunk, ids)]
-        batch = encode(tokenizer, texts, padding_side="left", device=device)
-        batch["emotion"] = torch.tensor(ids, dtype=torch.long, device=device)
-        batch["groups"] = [u.group for u in chunk]
-        batch["keys"] = [u.key for u in chunk]
-        yield batch
-
-
-def forward(model, batch: dict):
-    """One prompt forward of the backbone (no LM head, no cache) with padding-aware position ids.
-    Returns the backbone output (``last_hidden_state`` = final-norm state ĥ)."""
-    mask = batch["attention_mask"]
-    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    backbone = Adapter.of(model).backbone
-    dev = next(model.parameters()).device
-    return backbone(input_ids=batch["input_ids"].to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
-                    use_cache=False)
-
-
-# ---------------------------------------------------------------------------------------------
-# one-pass runner
-# ---------------------------------------------------------------------------------------------
-class Collector:
-    """Something that reads the forward pass of every batch through ``patch`` interventions.
-
-    ``interventions()`` is called once; ``begin(batch)`` before and ``end(batch)`` after each
-    forward. ``state_dict()`` / ``load_state_dict()`` make a run resumable.
-    """
-
-    def interventions(self) -> list[Intervention]:
-        return []
-
-    def begin(self, batch: dict) -> None:
-        pass
-
-    def end(self, batch: dict) -> None:
-        pass
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        pass
-
-
-def run_collectors(model, batches: Iterable[dict], collectors: Sequence[Collector], total: int | None = None,
-                   progress: bool = True, backend: str = "reference", on_batch=None, desc: str = "components") -> int:
-    """Run every batch through ``model`` once with all collectors' interventions; returns #rows.
-
-    ``on_batch(n_rows_done)`` is called after each batch (checkpointing)."""
-    from tqdm.auto import tqdm
-
-    ivs = [iv for c in collectors for iv in c.interventions()]
-    done = 0
-    bar = tqdm(total=total, desc=desc, unit="prompt", disable=not progress)
-    with torch.no_grad(), patch(model, *ivs, backend=backend):
-        for batch in batches:
-            for c in collectors:
-                c.begin(batch)
-            forward(model, batch)
-            for c in collectors:
-                c.end(batch)
-            n = int(batch["input_ids"].shape[0])
-            done += n
-            bar.update(n)
-            if on_batch is not None:
-                on_batch(done)
-    bar.close()
-    return done
-
-
-def _readout_rows(x: torch.Tensor, state) -> torch.Tensor:
-    return x[torch.arange(x.shape[0], device=x.device), state.readout].float()
+__all__ = ["neuron_betas", "neuron_contributions", "NeuronAccumulator", "NeuronScores", "neuron_scores"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,8 +46,8 @@ def _readout_rows(x: torch.Tensor, state) -> torch.Tensor:
 def neuron_betas(model, dirs_mlp: torch.Tensor, layers=None) -> torch.Tensor:
     """β[i, e] = W_D,ℓᵀ v^mlp_{e,ℓ} for ℓ = layers[i]: fp32 ``[len(layers), 6, d_ff]``."""
     a = Adapter.of(model)
-    dirs = _check_dirs(dirs_mlp, a, "dirs_mlp")
-    layers = _layers(a, layers)
+    dirs = check_dirs(dirs_mlp, a, "dirs_mlp")
+    layers = resolve_layers(a, layers)
     out = []
     for l in layers:
         W = a.sites(l).down_proj.weight.detach().float()  # [d, d_ff]
@@ -255,7 +61,7 @@ def neuron_contributions(model, batch: dict, dirs_mlp: torch.Tensor, layers=None
     Returns ``{"c": [B, L', d_ff], "a": [B, L', d_ff], "beta": [L', 6, d_ff]}``, c for each row's
     target emotion (``batch["emotion"]``, or ``emotion``: an int for all rows)."""
     a = Adapter.of(model)
-    layers = _layers(a, layers)
+    layers = resolve_layers(a, layers)
     beta = neuron_betas(model, dirs_mlp, layers)
     B = batch["input_ids"].shape[0]
     emo = batch.get("emotion") if emotion is None else torch.full((B,), int(emotion), dtype=torch.long)
@@ -263,7 +69,7 @@ def neuron_contributions(model, batch: dict, dirs_mlp: torch.Tensor, layers=None
         raise ValueError("batch has no 'emotion' ids; pass emotion=")
     rows: dict[int, torch.Tensor] = {}
     iv = Intervention("neurons", "capture", layers, positions="readout",
-                      fn=lambda l, x, m, st: rows.__setitem__(l, _readout_rows(x, st)) if st.prefill else None)
+                      fn=lambda l, x, m, st: rows.__setitem__(l, readout_rows(x, st)) if st.prefill else None)
     with torch.no_grad(), patch(model, iv):
         forward(model, batch)
     acts = torch.stack([rows[l] for l in layers], 1)  # [B, L', d_ff]
@@ -277,7 +83,7 @@ class NeuronAccumulator(Collector):
 
     def __init__(self, model, dirs_mlp: torch.Tensor, layers=None):
         self.adapter = Adapter.of(model)
-        self.layers = _layers(self.adapter, layers)
+        self.layers = resolve_layers(self.adapter, layers)
         self._pos = {l: i for i, l in enumerate(self.layers)}
         self.beta = neuron_betas(model, dirs_mlp, self.layers)  # [L', 6, d_ff] fp32
         dev = self.beta.device
@@ -299,7 +105,7 @@ class NeuronAccumulator(Collector):
         if not state.prefill:
             return
         i = self._pos[l]
-        act = _readout_rows(x, state).to(self.beta.device)  # [B, d_ff]
+        act = readout_rows(x, state).to(self.beta.device)  # [B, d_ff]
         c = (act * self.beta[i][self._emo]).double()
         self.sums["C"][i].index_add_(0, self._emo, c)
         self.sums["C_pos"][i].index_add_(0, self._emo, c.clamp(min=0))

@@ -180,7 +180,7 @@ class _Scorer:
         self.final_reading, self.backend = final_reading, backend
 
     def __call__(self, batch: dict, kind: str, layers: Sequence[int], extra: list[Intervention]) -> dict:
-        from ..discover.neurons import forward
+        from ..discover.collect import forward
 
         site = "resid_post" if kind == "neurons" else "resid_mid"
         ivs = list(extra)
@@ -259,7 +259,7 @@ def validate_components(model, tokenizer, units, neuron_scores, head_scores, dif
                         progress: bool = True) -> ValidationResult:
     """Ablate / enhance top-k vs layer-matched random-k components; see the module docstring.
 
-    ``units``: SEV units (:func:`~..discover.neurons.sev_units`) of the *evaluation* split; the
+    ``units``: SEV units (:func:`~..discover.collect.sev_units`) of the *evaluation* split; the
     ablation uses the units of target e (emotion prompt), the enhancement one neutral prompt per
     context. ``neuron_scores``/``head_scores``/``diffs``: the discovery artifacts (train split).
     ``judge``: optional object with ``classify(texts, targets) -> [Judgement(match=...)]``.
@@ -267,11 +267,11 @@ def validate_components(model, tokenizer, units, neuron_scores, head_scores, dif
     from tqdm.auto import tqdm
 
     from ..data.prompts import PromptConfig
-    from ..discover.neurons import _check_dirs, unit_batches
+    from ..discover.collect import check_dirs, unit_batches
 
     a = Adapter.of(model)
-    dirs_attn = _check_dirs(dirs_attn, a, "dirs_attn")
-    dirs_mlp = _check_dirs(dirs_mlp, a, "dirs_mlp")
+    dirs_attn = check_dirs(dirs_attn, a, "dirs_attn")
+    dirs_mlp = check_dirs(dirs_mlp, a, "dirs_mlp")
     for x in kinds:
         if x not in KINDS:
             raise ValueError(f"unknown kind {x!r}: use {KINDS}")

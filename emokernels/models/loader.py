@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from ..options import torch_dtype
+from ..dtypes import fast_dtype, torch_dtype  # noqa: F401 (fast_dtype: public here too)
 
 
 @dataclass(frozen=True)
@@ -170,19 +170,6 @@ def _finish(model, tokenizer, dtype, name: str):
     return model, tokenizer
 
 
-def fast_dtype(device: str | torch.device = "cpu") -> torch.dtype:
-    """The faster inference dtype on ``device``: bf16 on CUDA and on CPUs with native bf16
-    matmuls (AVX512-BF16 / AMX), else fp32. Measured on an AVX2-only 2-core EPYC: a bf16
-    [160×896]·[896×4864] matmul takes 0.33 s against 0.068 s in fp32, so bf16 is 5× slower there."""
-    if torch.device(device).type == "cuda":
-        return torch.bfloat16
-    try:
-        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        native = False
-    return torch.bfloat16 if native else torch.float32
-
-
 class ModelSourceError(ValueError):
     """A model name that is no zoo name, no usable local folder / .gguf file and no Hub id."""
 
@@ -249,7 +236,7 @@ def load(name: str | os.PathLike, dtype="bf16", use_cache: bool = True, seed: in
 
     ``dtype``: ``"auto"`` (``fast_dtype()``: bf16 where the CPU has native bf16, else fp32), ``"fp32"``/
     ``"float32"``, ``"bf16"``/``"bfloat16"`` (the default), ``"fp16"``/``"float16"`` or a ``torch.dtype``
-    (one parser: :func:`emokernels.options.dtype_name`). fp32 where exact numerics matter.
+    (one parser: :func:`emokernels.dtypes.dtype_name`). fp32 where exact numerics matter.
     """
     dtype = torch_dtype(dtype)
     kind, where = model_source(name)

@@ -23,7 +23,7 @@ def _generate(out):
 
 
 def _judge(out):
-    from emokernels.judge.cli import judge_rows
+    from emokernels.judge.rows import judge_rows
 
     return judge_rows([{"key": "a", "text": "x", "emotion": "anger"}], _NeverCalled(), out, progress=False)
 
@@ -35,8 +35,8 @@ def _run(out):
 
 
 def _components(out):
-    from emokernels.discover.components_cli import discover_components
-    from emokernels.discover.neurons import sev_units
+    from emokernels.discover.components import discover_components
+    from emokernels.discover.collect import sev_units
     from tests.helpers import random_directions, tiny
 
     model, tok = tiny("llama")

@@ -128,7 +128,7 @@ def test_files_without_identity_load_with_a_warning(tmp_path, models, kind):
 
 # -- emotion order ------------------------------------------------------------------------------
 def test_directions_stored_in_another_order_map_by_name(tmp_path, models):
-    from emokernels.discover.neurons import direction_tensors
+    from emokernels.discover.collect import direction_tensors
 
     model = models[0]
     d = _directions(model)
@@ -250,8 +250,8 @@ KILLS = [  # (case, checkpoint write that is killed, before or after its os.repl
 def test_components_checkpoint_kill_resumes_exactly(tmp_path, monkeypatch, capsys, case, nth, when, resumed):
     import emokernels.io as io_mod
     from emokernels.data.sev import load_split
-    from emokernels.discover.components_cli import discover_components
-    from emokernels.discover.neurons import sev_units
+    from emokernels.discover.components import discover_components
+    from emokernels.discover.collect import sev_units
     from tests.helpers import random_directions
 
     model, tok = tiny("llama")

@@ -5,7 +5,7 @@ import torch
 from emokernels import Intervention, patch
 from emokernels.data.sev import load_split
 from emokernels.discover.diffs import ComponentDiffs, DiffAccumulator, GroupContrast, component_diffs, contrast_batch
-from emokernels.discover.neurons import forward, run_collectors, sev_units, unit_batches
+from emokernels.discover.collect import forward, run_collectors, sev_units, unit_batches
 from emokernels.models import Adapter
 from tests.helpers import tiny
 

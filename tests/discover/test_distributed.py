@@ -103,7 +103,8 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         from emokernels.data.sev import load_split
         from emokernels.discover.distributed import all_reduce_collectors
         from emokernels.discover.heads import HeadAccumulator
-        from emokernels.discover.neurons import NeuronAccumulator, run_collectors, sev_units, unit_batches
+        from emokernels.discover.collect import run_collectors, sev_units, unit_batches
+        from emokernels.discover.neurons import NeuronAccumulator
         from tests.helpers import random_directions
 
         dirs, sev = random_directions(model), sev_units(load_split("train", 1))

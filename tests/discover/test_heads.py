@@ -31,7 +31,7 @@ def test_one_pass_equals_brute_force(family, reading):
 def test_residual_reading_is_direct_effect_of_the_head():
     """Without a post-attention norm, s − s^(−k) = ⟨W_O^(k) z^(k), v⟩."""
     from emokernels import Intervention, patch
-    from emokernels.discover.neurons import forward
+    from emokernels.discover.collect import forward
 
     model, tok = tiny("qwen2")
     a = Adapter.of(model)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from emokernels import Intervention, patch
-from emokernels.discover.neurons import (NeuronAccumulator, NeuronScores, direction_tensors, forward,
-                                         neuron_betas, neuron_contributions, run_collectors, sev_units, unit_batches)
+from emokernels.discover.collect import direction_tensors, forward, run_collectors, sev_units, unit_batches
+from emokernels.discover.neurons import NeuronAccumulator, NeuronScores, neuron_betas, neuron_contributions
 from emokernels.models import Adapter
 from tests.helpers import emotion_batch, prompt_batch, random_directions, smollm, tiny
 
@@ -208,9 +208,9 @@ def test_components_cli_writes_artifacts_and_refuses_test_split(tmp_path, capsys
 
 
 def test_discover_components_resumes_after_a_crash(tmp_path, monkeypatch, capsys):
-    import emokernels.discover.neurons as nmod
+    import emokernels.discover.collect as nmod  # run_collectors calls collect.forward
     from emokernels.data.sev import load_split
-    from emokernels.discover.components_cli import discover_components
+    from emokernels.discover.components import discover_components
 
     model, tok = tiny("llama")
     v = torch.stack([random_directions(model, 0), random_directions(model, 1)])

@@ -8,7 +8,8 @@ from emokernels import patch
 from emokernels.data.sev import load_split
 from emokernels.discover.diffs import DiffAccumulator
 from emokernels.discover.heads import HeadAccumulator, head_deltas
-from emokernels.discover.neurons import NeuronAccumulator, forward, run_collectors, sev_units, unit_batches
+from emokernels.discover.collect import forward, run_collectors, sev_units, unit_batches
+from emokernels.discover.neurons import NeuronAccumulator
 from emokernels.evaluate.validation import (ValidationResult, batched_edit, cohens_d, plot_validation, random_like,
                                             reference_direction, top_components, validate_components)
 from emokernels.models import Adapter

@@ -112,7 +112,7 @@ def test_judge_rows_never_stores_an_unavailable_judge_and_resumes(server, tmp_pa
     from emokernels.cli import main
     from emokernels.io import read_jsonl
     from emokernels.judge.base import JudgeUnavailableError
-    from emokernels.judge.cli import judge_rows
+    from emokernels.judge.rows import judge_rows
 
     rows = [{"key": f"k{i}", "text": t, "emotion": "anger"} for i, t in enumerate(["fine one", "broken one", "later one"])]
     server.script = {"fine one": [(200, '{"match": 1}')], "broken one": [(503, "")], "later one": [(200, '{"match": 0}')]}

@@ -5,7 +5,7 @@ import pytest
 from emokernels.cli import main as cli_main
 from emokernels.io import append_jsonl, read_jsonl
 from emokernels.judge.base import Judge, Judgement
-from emokernels.judge.cli import judge_rows
+from emokernels.judge.rows import judge_rows
 from emokernels.judge.report import accuracy_table, agreement, build_report, confusion_matrix, markdown, write_report
 
 

@@ -36,7 +36,7 @@ def test_default_model_reload_from_cache_is_identical(tmp_path):
 
 # -- sources: zoo, tiny, local folder, .gguf, Hub id ------------------------------------------------
 from emokernels.models.loader import ModelSourceError, check_model_folder, model_source  # noqa: E402
-from emokernels.options import dtype_name, torch_dtype  # noqa: E402
+from emokernels.dtypes import dtype_name, torch_dtype  # noqa: E402
 
 
 @pytest.mark.parametrize("name, kind", [

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 
-from .. import options as opt
+from . import options as opt
 
 
 def register(subparsers) -> None:
@@ -76,10 +76,10 @@ def run(args) -> int:
     from ..evaluate.naturalness import degenerate
     from ..io import write_json
     from ..judge.base import get_judge
-    from ..judge.cli import judge_rows
+    from ..judge.rows import judge_rows
     from ..judge.report import write_report
     from ..models.loader import load, model_source
-    from .steering import Steering, alpha_sweep, default_alpha, parse_layers, steer_generate
+    from ..control.steering import Steering, alpha_sweep, default_alpha, parse_layers, steer_generate
 
     model_source(args.model)
     out = opt.check_out_file(args.out)

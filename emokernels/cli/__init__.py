@@ -1,4 +1,7 @@
-"""``emokernels`` command line. Each stage module contributes its subcommands with ``register(subparsers)``.
+"""``emokernels`` command line. Each front end in this package (``generate``, ``judge``, ``directions``,
+``steer``, ``components``, ``run``, ``export_gguf``) contributes its subcommand with ``register(subparsers)``;
+``options`` holds the flags they share. The front ends sit on top of the stage packages and
+import from them, never the other way round.
 
 The parser is built without importing torch or transformers (``emokernels --help`` takes a fraction
 of a second); each command imports what it needs when it runs. Errors print one line,
@@ -15,13 +18,13 @@ import sys
 
 # module path -> registers these subcommands (light modules: heavy imports happen inside the commands)
 STAGES = (
-    "emokernels.data.generate_cli",  # generate
-    "emokernels.judge.cli",  # judge
-    "emokernels.discover.directions_cli",  # directions
-    "emokernels.control.steering_cli",  # steer
-    "emokernels.discover.components_cli",  # components
-    "emokernels.pipeline_cli",  # run
-    "emokernels.control.export_cli",  # export-gguf
+    "emokernels.cli.generate",  # generate
+    "emokernels.cli.judge",  # judge
+    "emokernels.cli.directions",  # directions
+    "emokernels.cli.steer",  # steer
+    "emokernels.cli.components",  # components
+    "emokernels.cli.run",  # run
+    "emokernels.cli.export_gguf",  # export-gguf
 )
 
 
@@ -95,6 +98,3 @@ def main(argv=None) -> int:
         print(f"emokernels {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())

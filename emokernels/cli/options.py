@@ -1,4 +1,4 @@
-"""Shared command-line options, their validators and the one dtype parser (imports no torch).
+"""Shared command-line options and their validators (imports no torch).
 
 Every subcommand builds its common flags (``--model``, ``--dtype``, ``--out``, ``--limit``,
 ``--emotions``, ``--backend``, ``--batch-size``, ...) with the ``add_*`` helpers below, so a
@@ -6,9 +6,8 @@ flag has one spelling, one parser and one help text (with its default) in every 
 ``check_*`` helpers validate paths and input files; commands call them *before* the model loads,
 so a typo costs a second, not a 20 s model load.
 
-dtype spellings (``--dtype`` and ``models.load(dtype=...)``): ``auto`` (bf16 where the device has
-native bf16 matmuls, else fp32), ``fp32``/``float32``, ``bf16``/``bfloat16``, ``fp16``/``float16``/
-``half``, or a ``torch.dtype``. The canonical names are the short ones; they are what runs record.
+The dtype spellings (``--dtype``) are parsed by :mod:`emokernels.dtypes`, the one parser that
+``models.load(dtype=...)`` uses too.
 """
 from __future__ import annotations
 
@@ -17,45 +16,9 @@ import functools
 import os
 from pathlib import Path
 
-# spelling -> canonical name
-DTYPE_ALIASES = {"auto": "auto", "fp32": "fp32", "float32": "fp32", "float": "fp32", "bf16": "bf16",
-                 "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "half": "fp16"}
-DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
-_TORCH_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+from ..dtypes import dtype_name, resolved_dtype_name  # noqa: F401 (resolved_dtype_name: opt.resolved_dtype_name in the commands)
+
 BACKENDS = ("fused", "reference")
-
-
-def dtype_name(spec) -> str:
-    """Canonical name (``auto``, ``fp32``, ``bf16``, ``fp16``) of a dtype spelling or ``torch.dtype``."""
-    if not isinstance(spec, str):
-        text = str(spec)  # torch.float32 -> "torch.float32", without importing torch here
-        if not text.startswith("torch."):
-            raise TypeError(f"dtype must be a string or a torch.dtype, got {type(spec).__name__} {spec!r}")
-        spec = text[len("torch."):]
-    name = DTYPE_ALIASES.get(spec.strip().lower())
-    if name is None:
-        raise ValueError(f"unknown dtype {spec!r}: use auto, fp32 (float32), bf16 (bfloat16) or fp16 (float16)")
-    return name
-
-
-def torch_dtype(spec, device="cpu"):
-    """The ``torch.dtype`` of a spelling; ``auto`` resolves with ``models.loader.fast_dtype(device)``."""
-    import torch
-
-    name = dtype_name(spec)
-    if name == "auto":
-        from .models.loader import fast_dtype
-
-        return fast_dtype(device)
-    return getattr(torch, _TORCH_NAMES[name])
-
-
-def resolved_dtype_name(spec, device="cpu") -> str:
-    """Canonical name with ``auto`` resolved (what a run records)."""
-    name = dtype_name(spec)
-    if name != "auto":
-        return name
-    return dtype_name(torch_dtype(name, device))
 
 
 # -- argparse value types ------------------------------------------------------------------------
@@ -115,7 +78,7 @@ def dtype_arg(text: str) -> str:
 @arg_type
 def emotions_arg(text: str) -> tuple[str, ...]:
     """A comma list of emotions: not empty, each known, no duplicates."""
-    from .data.labels import EMOTIONS, check_emotions
+    from ..data.labels import EMOTIONS, check_emotions
 
     names = [x.strip() for x in text.split(",")]
     if not any(names):
@@ -127,7 +90,7 @@ def emotions_arg(text: str) -> tuple[str, ...]:
 
 @arg_type
 def valences_arg(text: str) -> tuple[str, ...]:
-    from .data.labels import VALENCES, check_valences
+    from ..data.labels import VALENCES, check_valences
 
     names = [x.strip() for x in text.split(",")]
     if not any(names):
@@ -179,7 +142,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 @functools.lru_cache(maxsize=None)
 def split_size(split: str) -> int | None:
     """Number of skeletons of a packaged split (counts lines; no parsing), None for other names."""
-    from .data.sev import SPLITS, split_path
+    from ..data.sev import SPLITS, split_path
 
     if split not in SPLITS:
         return None
@@ -246,7 +209,7 @@ def add_max_new_tokens(p, default: int | None, help: str = "") -> None:
 
 def add_judge(p, flag: str = "--judge", default: str | None = "DEFAULT", extra_choices: tuple = (), help: str = "") -> None:
     """A judge name of ``emokernels.judge.JUDGES`` (default: the measured best, ``judge.DEFAULT``)."""
-    from .judge.base import DEFAULT, JUDGES
+    from ..judge.base import DEFAULT, JUDGES
 
     p.add_argument(flag, default=DEFAULT if default == "DEFAULT" else default,
                    choices=list(JUDGES) + list(extra_choices), help=help or "emotion judge")
@@ -316,7 +279,7 @@ def check_limit(split, limit: int | None, flag: str = "--limit") -> None:
     """``limit`` must not exceed the split's skeleton count (it was silently cut before)."""
     if limit is None:
         return
-    from .data.sev import load_split
+    from ..data.sev import load_split
 
     n = len(load_split(split))
     if limit > n:

@@ -14,7 +14,7 @@ STAGES = ("generate", "judge", "directions", "components", "influence", "circuit
 
 
 def register(subparsers) -> None:
-    from .judge.base import SECOND as SECOND_JUDGE
+    from ..judge.base import SECOND as SECOND_JUDGE
 
     p = subparsers.add_parser("run", help="the whole workflow on one model, into a report folder",
                               description=_description(), formatter_class=opt.HelpFormatter)
@@ -64,7 +64,7 @@ def _description() -> str:
 def _main(args) -> int:
     if args.second_judge not in (None, "none") and args.second_judge == args.judge:
         raise ValueError("--second-judge must differ from --judge (or be 'none')")
-    from .models.loader import model_source
+    from ..models.loader import model_source
 
     model_source(args.model)
     for flag, split, limit in (("--train-limit", "train", args.train_limit), ("--test-limit", "test", args.test_limit),
@@ -73,15 +73,15 @@ def _main(args) -> int:
     if args.out is None:
         args.out = str(Path("runs") / args.model.replace("/", "_"))
     opt.check_out_dir(args.out)
-    from .data.prompts import PromptConfig
+    from ..data.prompts import PromptConfig
 
     PromptConfig(preset=args.preset).system("anger")  # validates the preset before the model loads
     args.dtype = opt.resolved_dtype_name(args.dtype)  # recorded resolved: "auto" must not hide a change
 
     import torch
 
-    from .io import exclusive_output
-    from .pipeline import Run
+    from ..io import exclusive_output
+    from ..pipeline import Run
 
     torch.manual_seed(args.seed)
     with exclusive_output(Path(args.out) / "state.json", what=f"the run folder {args.out}"):  # one `run` per folder

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from .. import options as opt
+from . import options as opt
 
 DEFAULT_MAX_NEW_TOKENS = 48  # generate.DEFAULT_DECODING (checked equal in tests; kept here so --help needs no torch)
 PAPER_MAX_NEW_TOKENS = 100  # generate.PAPER_STAGE01_DECODING
@@ -43,10 +43,10 @@ def register(subparsers) -> None:
 
 def _main(args) -> int:
     from ..models.loader import model_source
-    from .generate import PAPER_STAGE01_DECODING, decoding_settings, generate_rows
-    from .labels import EMOTIONS, VALENCES
-    from .prompts import PromptConfig
-    from .sev import iter_units, load_split
+    from ..data.generate import PAPER_STAGE01_DECODING, decoding_settings, generate_rows
+    from ..data.labels import EMOTIONS, VALENCES
+    from ..data.prompts import PromptConfig
+    from ..data.sev import iter_units, load_split
 
     model_source(args.model)
     out = opt.check_out_file(args.out)

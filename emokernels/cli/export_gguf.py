@@ -20,7 +20,7 @@ before it replaces ``--out``.
 """
 from __future__ import annotations
 
-from .. import options as opt
+from . import options as opt
 
 
 def register(subparsers) -> None:
@@ -63,7 +63,7 @@ def run(args) -> int:
         raise ModuleNotFoundError("export-gguf needs the gguf package: pip install gguf")
 
     from ..discover.directions import EmotionDirections, default_layers
-    from .steering import PAPER_ALPHA, default_alpha
+    from ..control.steering import PAPER_ALPHA, default_alpha
 
     dirs = EmotionDirections.load(args.directions)
     if "mlp" not in dirs.points:

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from .. import options as opt
+from . import options as opt
 
 
 def register(subparsers) -> None:
@@ -66,27 +66,6 @@ def _load_texts(path) -> dict[str, list[str]]:
     return refs
 
 
-def select_skeletons(split, limit: int | None, mode: str = "first") -> list:
-    """``limit`` skeletons of ``split``: the first ones, or round-robin over themes (in file order
-    within each theme) so that several themes are represented."""
-    from ..data.sev import load_split
-
-    if mode == "first" or limit is None:
-        return load_split(split, limit)
-    if mode != "balanced":
-        raise ValueError(f"unknown selection {mode!r}: use 'first' or 'balanced'")
-    if limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
-    by_theme: dict[str, list] = {}
-    for s in load_split(split):
-        by_theme.setdefault(s.theme, []).append(s)
-    out, i = [], 0
-    while len(out) < limit and any(i < len(v) for v in by_theme.values()):
-        out += [v[i] for v in by_theme.values() if i < len(v)][: limit - len(out)]
-        i += 1
-    return out
-
-
 def _auto_probe_layers(n_units: int, num_layers: int, d: int, budget_bytes: int = 1 << 30) -> list[int]:
     per_layer = max(1, n_units * 2 * d * 4)
     stride = 1
@@ -97,15 +76,15 @@ def _auto_probe_layers(n_units: int, num_layers: int, d: int, budget_bytes: int 
 
 def run(args) -> int:
     from ..data.prompts import PromptConfig
-    from ..data.sev import dataset_hash
+    from ..data.sev import dataset_hash, select_skeletons
     from ..io import read_jsonl
     from ..models.adapters import Adapter
     from ..models.loader import load, model_source
-    from . import capture as cap
-    from .consistency import (nearest_direction_accuracy, plot_consistency, plot_cross_layer, stability_report,
+    from ..discover import capture as cap
+    from ..discover.consistency import (nearest_direction_accuracy, plot_consistency, plot_cross_layer, stability_report,
                               train_probe, write_report)
-    from .directions import estimate
-    from .distributed import init_from_env, rank_world
+    from ..discover.directions import estimate
+    from ..discover.distributed import init_from_env, rank_world
 
     distributed = init_from_env()  # under torchrun: the capture is sharded over the ranks
 
