@@ -131,7 +131,7 @@ BAD_ARGS = [
     ("steer-layers-backwards", STEER + ["--layers", "9-3"], "range '9-3' runs backwards: write the lower layer first ('3-9')"),
     ("steer-layers-garbage", STEER + ["--layers", "a-b"], "expected layers as 'a-b' or 'a,b,c'"),
     ("steer-alpha-nan", STEER + ["--alpha", "nan"], "--alpha must be a finite number"),
-    ("steer-alpha-word", STEER + ["--alpha", "lots"], "--alpha must be a number, 'default', 'paper' or 'auto'"),
+    ("steer-alpha-word", STEER + ["--alpha", "lots"], "--alpha must be a finite number, 'default', 'paper' or 'auto'"),
     ("steer-sweep-inf", STEER + ["--alpha", "auto", "--sweep-alphas", "1,inf"], "--sweep-alphas must be one or more finite"),
     ("steer-layers-outside", [a.replace("nowhere", "dirs") for a in STEER] + ["--layers", "4-9"], "steering layers [6, 7, 8, 9] invalid for a 6-layer model"),
     ("steer-no-directions", STEER, "--directions {t}/nowhere: missing {t}/nowhere/directions.safetensors"),

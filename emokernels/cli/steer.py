@@ -11,6 +11,8 @@ naturalness).
 """
 from __future__ import annotations
 
+import argparse
+
 import time
 
 from . import options as opt
@@ -45,17 +47,12 @@ def register(subparsers) -> None:
 
 def _alpha(text: str):
     """'auto' | 'default' | 'paper' | a finite number."""
-    import math
-
     if text in ("auto", "default", "paper"):
         return text
     try:
-        a = float(text)
-    except ValueError:
-        raise ValueError(f"--alpha must be a number, 'default', 'paper' or 'auto', got {text!r}") from None
-    if not math.isfinite(a):
-        raise ValueError(f"--alpha must be a finite number, got {text!r}")
-    return a
+        return opt.finite_float(text)
+    except argparse.ArgumentTypeError:
+        raise ValueError(f"--alpha must be a finite number, 'default', 'paper' or 'auto', got {text!r}") from None
 
 
 def _sweep(text: str) -> list[float]:
