@@ -34,3 +34,11 @@ def test_ready_path_names_what_exists(args, match):
     with pytest.raises(ValueError, match=match):
         ready_path(*args)
     assert READY_MODELS == ("smollm2-135m",)
+
+
+def test_identity_survives_a_gguf_rounded_epsilon():
+    """A GGUF stores rms_norm_eps as fp32: the same model loaded from a HF folder must agree."""
+    from emokernels.models.identity import config_hash
+
+    fields = dict(ready_directions().model_identity["config"])
+    assert config_hash({**fields, "rms_norm_eps": 1e-05}) == config_hash({**fields, "rms_norm_eps": 9.999999747378752e-06})

@@ -43,6 +43,8 @@ def config_fields(config) -> dict:
     out = {}
     for k in CONFIG_FIELDS:
         v = config.get(k)
+        if isinstance(v, float):  # 6 significant digits: a GGUF stores eps as fp32 (1e-05 -> 9.9999997e-06)
+            v = float(f"{v:.6g}")
         out[k] = v if isinstance(v, (bool, int, float, str)) or v is None else str(v)
     return out
 
