@@ -112,12 +112,6 @@ def _hash(*parts: bytes) -> str:
     return hsh.hexdigest()[:16]
 
 
-def _root_relative(name: str, root: Path) -> str:
-    """``name`` as a POSIX path under ``root`` (a generated stub's bare name stays as it is)."""
-    path = Path(name)
-    return path.relative_to(root).as_posix() if path.is_absolute() else name
-
-
 def build_base() -> Path:
     """``$EMOKERNELS_BUILD_DIR`` or ``~/.cache/emokernels/build``."""
     base = os.environ.get("EMOKERNELS_BUILD_DIR")
@@ -148,7 +142,7 @@ def _build(kind: str, verbose: bool = False) -> Path:
     flag_blob = " ".join([*compiler, *cflags, *ldflags, sys.version]).replace(str(root), "<root>").encode()
 
     units: list[tuple[str, bytes]] = [(str(p), p.read_bytes()) for p in [*kernels, module_file]]
-    key = _hash(flag_blob, header_blob, *(_root_relative(name, root).encode() + text for name, text in units))
+    key = _hash(flag_blob, header_blob, *(Path(n).relative_to(root).as_posix().encode() + t for n, t in units))
     out_dir = build_base() / f"{kind}-{key}"
     ext_suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
     target = out_dir / (_KINDS[kind]["module"] + ext_suffix)
