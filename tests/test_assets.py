@@ -42,3 +42,14 @@ def test_identity_survives_a_gguf_rounded_epsilon():
 
     fields = dict(ready_directions().model_identity["config"])
     assert config_hash({**fields, "rms_norm_eps": 1e-05}) == config_hash({**fields, "rms_norm_eps": 9.999999747378752e-06})
+
+
+def test_identity_of_a_file_hashed_before_the_rounding_still_matches():
+    """A file written with the unrounded eps and its old hash is the same model."""
+    from emokernels.models.identity import mismatch
+
+    new = ready_directions().model_identity
+    old = {**new, "config": {**new["config"], "rms_norm_eps": 9.999999747378752e-06}, "config_hash": "0123456789abcdef"}
+    assert mismatch(old, new) == []
+    other = {**new, "config": {**new["config"], "hidden_size": 577}}
+    assert mismatch(other, new) and "hidden_size" in mismatch(other, new)[0]

@@ -89,8 +89,11 @@ def mismatch(stored: dict, actual: dict) -> list[str]:
     sn, an = _name_key(stored.get("name")), _name_key(actual.get("name"))
     if sn and an and sn != an:
         out.append(f"name {stored.get('name')!r} vs {actual.get('name')!r}")
-    if stored.get("config_hash") != actual.get("config_hash"):
-        sc, ac = stored.get("config") or {}, actual.get("config") or {}
+    # The stored fields are hashed again: a file written before the float rounding of
+    # config_fields (or by hand) compares by what its fields say, not by its old hash.
+    sc, ac = (config_fields(x["config"]) if x.get("config") else {} for x in (stored, actual))
+    stored_hash = config_hash(sc) if sc else stored.get("config_hash")
+    if stored_hash != (config_hash(ac) if ac else actual.get("config_hash")):
         diff = [f"{k} {sc.get(k)!r} vs {ac.get(k)!r}" for k in CONFIG_FIELDS if sc.get(k) != ac.get(k)]
         out.append("config " + ("; ".join(diff) if diff else f"hash {stored.get('config_hash')} vs {actual.get('config_hash')}"))
     return out
